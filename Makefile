@@ -1,0 +1,42 @@
+# fed-deq — every target creates .venv on first use, so `make run` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch is installed first and pinned here; pyproject keeps a range so pip keeps this one.
+# Elsewhere, point pip at a CPU wheel index with e.g. make TORCH_PIP_ARGS="--index-url <your CPU wheel index>".
+TORCH_SPEC     ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+STAMP  := $(VENV)/.fed-deq-installed
+export FLWR_DISABLE_UPDATE_CHECK := 1
+
+.PHONY: install run test bench bench-solvers deploy-local test-containers clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC) $(TORCH_PIP_ARGS)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/fed-deq simulate scenarios/default.yaml --out runs/default
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench-solvers: $(STAMP)
+	$(BIN)/python benchmarks/solvers.py
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+deploy-local: $(STAMP)
+	$(BIN)/fed-deq deploy-local scenarios/default.yaml --out runs/deploy-local
+
+test-containers: $(STAMP)
+	bash docker/test-containers.sh
+
+clean:
+	rm -rf runs .pytest_cache
