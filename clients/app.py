@@ -1,0 +1,47 @@
+"""Flower ClientApp of fed-deq: a device training a compact DEQ within its solver-iteration budget."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fed_deq.scenario import parse_scenario_text
+from fed_deq.workload import run_client_round
+from server.records import from_array_record, to_array_record
+
+app = ClientApp()
+
+_WARM_KEY = "warm-start"
+
+
+def _partition_id(context: Context) -> int:
+    """This node's partition (set by the simulation engine, or by `--node-config` in deployment)."""
+    return int(context.node_config["partition-id"])
+
+
+@app.query()
+def describe(msg: Message, context: Context) -> Message:
+    """Tell the server which partition (and tier, if pinned) this node serves."""
+    tier = str(context.node_config.get("tier", ""))
+    content = RecordDict({"metrics": MetricRecord({"partition-id": _partition_id(context)}),
+                          "config": ConfigRecord({"tier": tier})})
+    return Message(content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train within this device's budget; keep per-sample fixed points in node state for a warm start."""
+    config = msg.content["config"]
+    scenario = parse_scenario_text(str(config["scenario"]))
+    warm = context.state.array_records.get(_WARM_KEY)
+    tier = str(context.node_config.get("tier", "")) or None
+    result = run_client_round(
+        scenario, _partition_id(context), int(config["server-round"]), from_array_record(msg.content["arrays"]),
+        tier=tier, warm_start=warm["z"].numpy() if warm is not None else None,
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+    )
+    if result.warm_start.size:
+        context.state[_WARM_KEY] = ArrayRecord({"z": Array(np.ascontiguousarray(result.warm_start))})
+    content = RecordDict({"arrays": to_array_record(result.arrays), "metrics": MetricRecord(result.metrics)})
+    return Message(content, reply_to=msg)

@@ -1,0 +1,363 @@
+"""Datasets, federated partitions and per-client train/validation splits.
+
+``load_dataset`` and the partition lists are memoised with ``functools.lru_cache``: a Flower client process
+serves many partitions and rounds, and regenerating MNIST-1D or repartitioning 20,000 labels per message
+would cost seconds. Cached arrays are made read-only so one caller cannot corrupt another's data; copy them
+(``np.array(x)``, ``torch.tensor(x)``) before writing. Arrays handed out by ``client_data`` are fresh copies.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from fed_deq.errors import InputError
+from fed_deq.fleet import rng
+
+PARTITION_KINDS = ("iid", "dirichlet", "pathological")
+IMAGE_KEYS = ("image", "img")
+LABEL_KEYS = ("label", "fine_label")
+
+# Convert hub images in chunks so a 60k-image dataset never sits in memory twice as float32.
+_CONVERT_CHUNK = 4096
+
+
+@dataclass(frozen=True, eq=False)
+class DataBundle:
+    """A dataset split into train and test: float32 features, int64 labels (read-only arrays)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class ClientData:
+    """One client's local data: its partition split into train and (possibly empty) validation."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"seed: must be an integer >= 0, got {seed!r}")
+    return int(seed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def load_dataset(
+    name: str,
+    *,
+    seed: int,
+    num_samples: int,
+    test_fraction: float,
+    image_key: str | None = None,
+    label_key: str | None = None,
+) -> DataBundle:
+    """Load ``name`` and split it into train/test with a seeded permutation (memoised).
+
+    ``"mnist1d"`` is generated locally (``num_samples`` total, x shape ``(N, 40)``); ``"digits"`` is
+    scikit-learn's 8×8 digits (x ``(N, 64)`` in [0, 1], ``num_samples`` ignored); any other name is a
+    Hugging Face hub dataset (needs the network) whose splits are pooled, converted with
+    ``from_hf_dataset`` and re-split by ``test_fraction``.
+    """
+    seed = _check_seed(seed)
+    if not (isinstance(test_fraction, (int, float)) and 0 < test_fraction < 1):
+        raise InputError(f"dataset.test_fraction: must be in (0, 1), got {test_fraction!r}")
+    if not isinstance(name, str) or not name:
+        raise InputError(f"dataset.name: must be a non-empty string, got {name!r}")
+    if name == "mnist1d":
+        x, y, num_classes = _make_mnist1d(seed, num_samples)
+    elif name == "digits":
+        x, y, num_classes = _load_digits()
+    else:
+        x, y, num_classes = _load_hub(name, image_key, label_key)
+    return _split_bundle(x, y, num_classes, test_fraction, seed)
+
+
+def _make_mnist1d(seed: int, num_samples) -> tuple[np.ndarray, np.ndarray, int]:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 20:
+        raise InputError(f"dataset.num_samples: must be an integer >= 20 for mnist1d, got {num_samples!r}")
+    args = get_dataset_args(as_dict=False)
+    args.num_samples = int(num_samples)
+    args.seed = seed
+    # make_dataset seeds and draws from the global `random`/`np.random`; restore them so loading data
+    # never changes anyone else's random stream.
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        raw = make_dataset(args)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    x = np.concatenate([raw["x"], raw["x_test"]]).astype(np.float32)
+    y = np.concatenate([raw["y"], raw["y_test"]]).astype(np.int64)
+    return x, y, 10
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray, int]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # Pixel intensities in the digits set run from 0 to 16.
+    x = (digits.data / 16.0).astype(np.float32)
+    return x, digits.target.astype(np.int64), 10
+
+
+def _load_hub(name: str, image_key: str | None, label_key: str | None) -> tuple[np.ndarray, np.ndarray, int]:
+    import datasets
+
+    try:
+        splits = datasets.load_dataset(name)
+    except Exception as exc:  # any failure (offline, unknown name, bad config) means the same to the user
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(
+            f"dataset.name: cannot load hub dataset {name!r} ({detail}); offline, use 'mnist1d' or 'digits'"
+        ) from exc
+    if not isinstance(splits, datasets.DatasetDict):
+        splits = datasets.DatasetDict({"train": splits})
+    xs, ys, num_classes = [], [], 0
+    for split in splits.values():
+        x, y = from_hf_dataset(split, image_key, label_key)
+        xs.append(x)
+        ys.append(y)
+        num_classes = max(num_classes, _num_classes(split, label_key, y))
+    if len({x.shape[1:] for x in xs}) != 1:
+        raise InputError(f"dataset.name: splits of {name!r} have different sample shapes")
+    return np.concatenate(xs), np.concatenate(ys), num_classes
+
+
+def _split_bundle(x: np.ndarray, y: np.ndarray, num_classes: int, test_fraction: float, seed: int) -> DataBundle:
+    n = len(y)
+    n_test = min(max(1, round(n * test_fraction)), n - 1)
+    order = rng(seed, "data", "test-split").permutation(n)
+    test, train = order[:n_test], order[n_test:]
+    arrays = [np.ascontiguousarray(a) for a in (x[train], y[train], x[test], y[test])]
+    for a in arrays:
+        a.setflags(write=False)
+    return DataBundle(*arrays, num_classes=int(num_classes), input_shape=tuple(int(d) for d in x.shape[1:]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face datasets → arrays
+# ---------------------------------------------------------------------------------------------------------
+
+
+def from_hf_dataset(ds, image_key: str | None = None, label_key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Convert a local ``datasets.Dataset`` to ``(x float32, y int64)`` arrays.
+
+    The feature column may hold PIL images or arrays; it defaults to ``image``/``img`` and the label column
+    to ``label``/``fine_label``. 8-bit pixels are scaled to [0, 1]; 2-D samples become ``(N, 1, H, W)``,
+    HWC images become ``(N, C, H, W)``, 1-D samples stay ``(N, D)``.
+    """
+    import datasets
+
+    image_key = _resolve_column(ds, image_key, IMAGE_KEYS, "image_key")
+    label_key = _resolve_column(ds, label_key, LABEL_KEYS, "label_key")
+    if ds.num_rows == 0:
+        raise InputError("dataset: the hub dataset has no rows")
+    is_image = isinstance(ds.features[image_key], datasets.Image)
+    x = _convert_features(ds.with_format("numpy"), image_key, is_image)
+    y = np.asarray(ds.with_format("numpy")[label_key][:])
+    if not np.issubdtype(y.dtype, np.integer) or np.any(y < 0):
+        raise InputError(f"dataset.label_key: column {label_key!r} must hold integers >= 0, got dtype {y.dtype}")
+    return x, y.astype(np.int64)
+
+
+def _resolve_column(ds, given: str | None, candidates: tuple[str, ...], what: str) -> str:
+    columns = list(ds.column_names)
+    if given is not None:
+        if given not in columns:
+            raise InputError(f"dataset.{what}: column {given!r} not found; columns are {columns}")
+        return given
+    for candidate in candidates:
+        if candidate in columns:
+            return candidate
+    raise InputError(f"dataset.{what}: none of {list(candidates)} found in columns {columns}; set it explicitly")
+
+
+def _convert_features(numpy_ds, key: str, is_image: bool) -> np.ndarray:
+    chunks = []
+    for start in range(0, numpy_ds.num_rows, _CONVERT_CHUNK):
+        batch = numpy_ds[start : start + _CONVERT_CHUNK][key]
+        if not isinstance(batch, np.ndarray) or batch.dtype == object:
+            raise InputError(f"dataset.image_key: samples in column {key!r} differ in shape or are not numeric")
+        chunks.append(_to_unit_float(batch, key))
+    shapes = {c.shape[1:] for c in chunks}
+    if len(shapes) != 1:
+        raise InputError(f"dataset.image_key: samples in column {key!r} differ in shape {sorted(shapes)}")
+    return np.ascontiguousarray(_channels_first(np.concatenate(chunks), is_image, key))
+
+
+def _to_unit_float(batch: np.ndarray, key: str) -> np.ndarray:
+    if batch.dtype == bool:
+        return batch.astype(np.float32)
+    if np.issubdtype(batch.dtype, np.integer):
+        if batch.min() < 0 or batch.max() > 255:
+            raise InputError(f"dataset.image_key: integer pixels in {key!r} must be in [0, 255]")
+        return batch.astype(np.float32) / np.float32(255)
+    if np.issubdtype(batch.dtype, np.floating):
+        return batch.astype(np.float32)
+    raise InputError(f"dataset.image_key: column {key!r} has unsupported dtype {batch.dtype}")
+
+
+def _channels_first(x: np.ndarray, is_image: bool, key: str) -> np.ndarray:
+    if x.ndim == 2:
+        return x
+    if x.ndim == 3:
+        return x[:, None, :, :]
+    if x.ndim == 4:
+        # PIL decodes to HWC; raw array columns are taken as CHW unless only the last axis looks like channels.
+        hwc = is_image or (x.shape[-1] <= 4 < x.shape[1])
+        return np.transpose(x, (0, 3, 1, 2)) if hwc else x
+    raise InputError(f"dataset.image_key: column {key!r} has {x.ndim - 1}-D samples; expected 1-D, 2-D or 3-D")
+
+
+def _num_classes(ds, label_key: str | None, y: np.ndarray) -> int:
+    import datasets
+
+    key = _resolve_column(ds, label_key, LABEL_KEYS, "label_key")
+    feature = ds.features[key]
+    if isinstance(feature, datasets.ClassLabel):
+        return int(feature.num_classes)
+    return int(y.max()) + 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Partitions
+# ---------------------------------------------------------------------------------------------------------
+
+
+def partition(
+    labels,
+    num_partitions: int,
+    *,
+    kind: str,
+    seed: int,
+    alpha: float | None = None,
+    classes_per_client: int | None = None,
+    min_partition_size: int = 0,
+) -> list[np.ndarray]:
+    """Split sample indices ``0..len(labels)-1`` into ``num_partitions`` disjoint index arrays.
+
+    ``kind``: ``"iid"`` (seeded shuffle, balanced sizes), ``"dirichlet"`` (per-class Dirichlet(α) shares,
+    every partition gets ≥ ``min_partition_size`` samples) or ``"pathological"`` (each partition holds
+    ``classes_per_client`` classes, assigned round-robin). Built with flwr-datasets partitioners; the
+    same arguments always give the same partitions (memoised). Returned arrays are read-only.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(f"partition: labels must be a non-empty 1-D integer array, got {labels.dtype} {labels.shape}")
+    if isinstance(num_partitions, bool) or not isinstance(num_partitions, (int, np.integer)):
+        raise InputError(f"fleet.num_clients: must be an integer, got {num_partitions!r}")
+    if not 1 <= num_partitions <= labels.size:
+        raise InputError(f"fleet.num_clients: must be in [1, {labels.size}] (training samples), got {num_partitions}")
+    seed = _check_seed(seed)
+    options = _partition_options(kind, alpha, classes_per_client, min_partition_size, labels)
+    labels = labels.astype(np.int64)
+    return list(_partition_cached(labels.tobytes(), int(num_partitions), kind, seed, *options))
+
+
+def _partition_options(kind, alpha, classes_per_client, min_partition_size, labels) -> tuple:
+    """Validate the options ``kind`` uses and drop the others, so equivalent calls share a cache entry."""
+    if kind == "iid":
+        return (None, None, 0)
+    if kind == "dirichlet":
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
+            raise InputError(f"dataset.partition.alpha: must be a number > 0 for dirichlet, got {alpha!r}")
+        if isinstance(min_partition_size, bool) or not isinstance(min_partition_size, int) or min_partition_size < 0:
+            raise InputError(f"dataset.partition.min_partition_size: must be an integer >= 0, got {min_partition_size!r}")
+        return (float(alpha), None, min_partition_size)
+    if kind == "pathological":
+        num_classes = len(np.unique(labels))
+        if (isinstance(classes_per_client, bool) or not isinstance(classes_per_client, int)
+                or not 1 <= classes_per_client <= num_classes):
+            raise InputError(
+                f"dataset.partition.classes_per_client: must be an integer in [1, {num_classes}], got {classes_per_client!r}"
+            )
+        return (None, classes_per_client, 0)
+    raise InputError(f"dataset.partition.kind: unknown {kind!r}; valid: {', '.join(PARTITION_KINDS)}")
+
+
+@functools.lru_cache(maxsize=8)
+def _partition_cached(labels_bytes: bytes, num_partitions: int, kind: str, seed: int,
+                      alpha: float | None, classes_per_client: int | None,
+                      min_partition_size: int) -> tuple[np.ndarray, ...]:
+    import datasets
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
+    labels = np.frombuffer(labels_bytes, dtype=np.int64)
+    partitioner_seed = int(rng(seed, "data", "partitioner").integers(2**31))
+    order = np.arange(labels.size)
+    if kind == "iid":
+        # IidPartitioner shards contiguously; shuffling first makes the shards random.
+        order = rng(seed, "data", "iid-order").permutation(labels.size)
+        partitioner = IidPartitioner(num_partitions=num_partitions)
+    elif kind == "dirichlet":
+        partitioner = DirichletPartitioner(
+            num_partitions=num_partitions, partition_by="label", alpha=alpha,
+            min_partition_size=min_partition_size, self_balancing=False, seed=partitioner_seed,
+        )
+    else:
+        partitioner = PathologicalPartitioner(
+            num_partitions=num_partitions, partition_by="label", num_classes_per_partition=classes_per_client,
+            class_assignment_mode="deterministic", seed=partitioner_seed,
+        )
+    partitioner.dataset = datasets.Dataset.from_dict({"label": labels[order], "index": order})
+    try:
+        parts = tuple(np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64)
+                      for i in range(num_partitions))
+    except ValueError as exc:
+        raise InputError(f"dataset.partition: {kind} partitioning failed: {str(exc).splitlines()[0]}") from exc
+    for part in parts:
+        part.setflags(write=False)
+    return parts
+
+
+def client_data(
+    bundle: DataBundle,
+    partition_id: int,
+    *,
+    num_partitions: int,
+    kind: str,
+    seed: int,
+    alpha: float | None = None,
+    classes_per_client: int | None = None,
+    min_partition_size: int = 0,
+    validation_fraction: float = 0.1,
+) -> ClientData:
+    """The training partition ``partition_id`` of ``bundle``, split by a seeded shuffle into local train and
+    validation (``floor(n * validation_fraction)`` samples, keeping at least one for training)."""
+    if isinstance(partition_id, bool) or not isinstance(partition_id, (int, np.integer)):
+        raise InputError(f"partition-id: must be an integer, got {partition_id!r}")
+    if not 0 <= partition_id < num_partitions:
+        raise InputError(f"partition-id: must be in [0, {num_partitions}), got {partition_id}")
+    if not (isinstance(validation_fraction, (int, float)) and 0 <= validation_fraction < 1):
+        raise InputError(f"dataset.validation_fraction: must be in [0, 1), got {validation_fraction!r}")
+    indices = partition(bundle.y_train, num_partitions, kind=kind, seed=seed, alpha=alpha,
+                        classes_per_client=classes_per_client, min_partition_size=min_partition_size)[partition_id]
+    if indices.size == 0:
+        raise InputError(
+            f"partition {partition_id} is empty; raise dataset.partition.min_partition_size or alpha, or use fewer clients"
+        )
+    shuffled = indices[rng(_check_seed(seed), "data", "validation", int(partition_id)).permutation(indices.size)]
+    n_val = min(math.floor(indices.size * validation_fraction), indices.size - 1)
+    val, train = shuffled[:n_val], shuffled[n_val:]
+    # Fancy indexing copies, so clients get writable arrays independent of the cached bundle.
+    return ClientData(bundle.x_train[train], bundle.y_train[train], bundle.x_train[val], bundle.y_train[val])

@@ -1,0 +1,96 @@
+"""Gradient paths from a fixed point z* found without autograd.
+
+Each mode returns a tensor ``z`` that carries gradients to the parameters (and the injection) and fills a
+``stats`` dict when ``loss.backward()`` reaches it. ``stats["iterations"]`` (int64, one entry per sample)
+counts vector-Jacobian products through the cell f, the unit the device budgets charge for backward work:
+
+- ``"one-step"`` (Jacobian-free): ``z = f(z*)``; 1 backward iteration.
+- ``"phantom"``: ``k = backward_max_iter`` unrolled damped steps ``z <- (1 - lam) z + lam f(z)`` from z*;
+  k backward iterations.
+- ``"implicit"``: ``z = f(z*)`` and the incoming gradient g is replaced by the solution y of the adjoint
+  fixed point ``y = J_f(z*)^T y + g``, solved with the forward solver under a budget of
+  ``backward_max_iter - 1`` vector-Jacobian products (the last one of the budget is the product that carries
+  y into the parameters). Iterations = adjoint iterations + 1, so they never exceed ``backward_max_iter``;
+  with ``backward_max_iter = 1`` it is the one-step gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .solvers import solve
+
+BACKWARD_MODES = ("one-step", "implicit", "phantom")
+
+
+def check_backward(mode: str, backward_max_iter: int, damping: float) -> None:
+    """Raise ValueError for an unknown backward mode, a bad budget or a bad phantom damping."""
+    if mode not in BACKWARD_MODES:
+        raise ValueError(f"unknown backward mode {mode!r}; valid modes: {list(BACKWARD_MODES)}")
+    if isinstance(backward_max_iter, bool) or not isinstance(backward_max_iter, int) or backward_max_iter < 1:
+        raise ValueError(f"backward_max_iter must be an integer >= 1, got {backward_max_iter!r}")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 < damping <= 1:
+        raise ValueError(f"phantom_damping must be in (0, 1], got {damping!r}")
+
+
+def attach_gradient(f: Callable[[Tensor], Tensor], z_star: Tensor, *, mode: str, backward_max_iter: int,
+                    solver: str, tol: float, solver_options: dict, damping: float,
+                    stats: dict) -> Tensor:
+    """Return z (with autograd) built from the detached fixed point ``z_star``; see the module docstring."""
+    check_backward(mode, backward_max_iter, damping)
+    z_star = z_star.detach()
+    batch = z_star.shape[0]
+    if mode == "one-step":
+        z = f(z_star)
+        _record_on_backward(z, stats, _constant_iterations(batch, 1, z_star.device))
+        return z
+    if mode == "phantom":
+        z = z_star
+        for _ in range(backward_max_iter):
+            z = torch.lerp(z, f(z), damping) if damping != 1.0 else f(z)
+        _record_on_backward(z, stats, _constant_iterations(batch, backward_max_iter, z_star.device))
+        return z
+    return _implicit(f, z_star, backward_max_iter=backward_max_iter, solver=solver, tol=tol,
+                     solver_options=solver_options, stats=stats)
+
+
+def _implicit(f, z_star: Tensor, *, backward_max_iter: int, solver: str, tol: float, solver_options: dict,
+              stats: dict) -> Tensor:
+    z_in = z_star.clone().requires_grad_()
+    z_out = f(z_in)
+    if not z_out.requires_grad:
+        return z_out
+    adjoint_budget = backward_max_iter - 1
+
+    def adjoint_hook(grad: Tensor) -> Tensor:
+        if adjoint_budget == 0 or not bool(torch.isfinite(grad).all()):
+            stats["iterations"] = _constant_iterations(grad.shape[0], 1, grad.device)
+            return grad
+
+        def adjoint_map(y: Tensor) -> Tensor:
+            (vjp,) = torch.autograd.grad(z_out, z_in, y, retain_graph=True)
+            return vjp + grad
+
+        y, adjoint_stats = solve(adjoint_map, grad, solver=solver, max_iter=adjoint_budget, tol=tol,
+                                 **solver_options)
+        stats["iterations"] = adjoint_stats["iterations"] + 1
+        stats["adjoint_rel_residual"] = adjoint_stats["rel_residual"]
+        stats["adjoint_converged"] = adjoint_stats["converged"]
+        return y
+
+    z_out.register_hook(adjoint_hook)
+    return z_out
+
+
+def _record_on_backward(z: Tensor, stats: dict, iterations: Tensor) -> None:
+    if z.requires_grad:
+        def record(grad: Tensor) -> None:
+            stats["iterations"] = iterations
+        z.register_hook(record)
+
+
+def _constant_iterations(batch: int, value: int, device) -> Tensor:
+    return torch.full((batch,), value, dtype=torch.int64, device=device)

@@ -1,0 +1,189 @@
+"""Equilibrium cells f(z, u) = relu(W z + u) with selectable contraction control.
+
+``u`` is the input injection (computed once per forward by the encoder), ``W`` the recurrent linear operator:
+a ``width x width`` matrix (``mlp``), a same-padded 1-D convolution (``conv1d``) or 2-D convolution
+(``conv2d``). ``relu`` is 1-Lipschitz, so the Lipschitz constant of ``z -> f(z, u)`` is at most ||W||.
+
+Contraction control (the stored parameters are always plain tensors that can be averaged across clients):
+
+- ``"none"``: ``W`` is the ``weight`` parameter as is; nothing guarantees a fixed point.
+- ``"spectral"``: ``W = weight * min(1, gain / ||weight||)`` where ``||weight||`` is the exact operator norm,
+  recomputed functionally on every forward (no power-iteration buffers). For a matrix it is the largest
+  singular value (``torch.linalg.matrix_norm(ord=2)``). For a zero-padded convolution it is the norm of the
+  circular convolution on a grid extended by ``kernel // 2`` (computed per frequency with an FFT of the
+  kernel), which bounds the zero-padded operator from above. So ``f`` is a contraction with factor <= gain.
+- ``"monotone"``: the monDEQ parametrisation ``W = (1 - m) I - A^T A + B - B^T`` (``A^T`` the exact adjoint:
+  the transposed matrix, or the transposed convolution), for every cell kind. ``I - W`` is then strongly
+  monotone with margin ``m``, and the cell is the forward-backward splitting step
+  ``f(z) = relu(z - alpha ((I - W) z - u))`` with ``alpha = m / L^2``, ``L >= ||I - W||``. Its fixed points
+  are exactly monDEQ's ``z = relu(W z + u)``, and it is a contraction with factor ``sqrt(1 - m^2 / L^2)``.
+  ``L`` is exact for ``mlp`` and the bound ``m + ||A||^2 + ||B - B^T||`` for convolutions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CELL_KINDS = ("mlp", "conv1d", "conv2d")
+CONTRACTIONS = ("none", "spectral", "monotone")
+_INIT_NORM = 0.5        # operator norm of the recurrent weight at initialisation
+_MONOTONE_INIT_NORM = 0.3
+
+
+class DEQCell(nn.Module):
+    """The recurrent part of a DEQ: ``bind(u)`` returns ``f(z) = f(z, u)`` with weights prepared once."""
+
+    def __init__(self, kind: str, width: int, spatial: tuple[int, ...], *, contraction: str = "spectral",
+                 spectral_gain: float = 0.9, monotone_margin: float = 0.5, kernel_size: int = 3,
+                 device=None):
+        super().__init__()
+        _check_cell_args(kind, width, spatial, contraction, spectral_gain, monotone_margin, kernel_size)
+        self.kind = kind
+        self.width = width
+        self.spatial = tuple(spatial)
+        self.contraction = contraction
+        self.spectral_gain = float(spectral_gain)
+        self.monotone_margin = float(monotone_margin)
+        self.kernel_size = kernel_size if kind != "mlp" else 1
+        shape = _weight_shape(kind, width, self.kernel_size)
+        if contraction == "monotone":
+            self.A = nn.Parameter(torch.empty(shape, device=device))
+            self.B = nn.Parameter(torch.empty(shape, device=device))
+        else:
+            self.weight = nn.Parameter(torch.empty(shape, device=device))
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's state z (without the batch dimension)."""
+        return (self.width, *self.spatial)
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """Draw the recurrent weights from ``generator``, scaled to a moderate operator norm."""
+        with torch.no_grad():
+            names = ("A", "B") if self.contraction == "monotone" else ("weight",)
+            target = _MONOTONE_INIT_NORM if self.contraction == "monotone" else _INIT_NORM
+            for name in names:
+                param = getattr(self, name)
+                nn.init.kaiming_uniform_(param, a=math.sqrt(5), generator=generator)
+                param.mul_(target / float(self.operator_norm(param)))
+
+    def operator_norm(self, weight: Tensor) -> Tensor:
+        """Operator norm (or, for convolutions, an upper bound of it) of ``z -> weight * z``."""
+        if self.kind == "mlp":
+            return torch.linalg.matrix_norm(weight, ord=2)
+        return conv_operator_norm(weight, self.spatial)
+
+    def bind(self, u: Tensor) -> Callable[[Tensor], Tensor]:
+        """Return ``f(z) = f(z, u)``; the effective weights are computed here once, with autograd."""
+        if self.contraction == "monotone":
+            return self._bind_monotone(u)
+        weight = self.weight
+        if self.contraction == "spectral":
+            scale = torch.clamp(self.spectral_gain / self.operator_norm(weight), max=1.0)
+            weight = weight * scale
+        linear = self._linear(weight)
+        return lambda z: F.relu(linear(z) + u)
+
+    def _bind_monotone(self, u: Tensor) -> Callable[[Tensor], Tensor]:
+        m = self.monotone_margin
+        if self.kind == "mlp":
+            eye = torch.eye(self.width, dtype=self.A.dtype, device=self.A.device)
+            i_minus_w = m * eye + self.A.T @ self.A - self.B + self.B.T
+            # The step size only sets the speed of the splitting, not its fixed points: keep it out of autograd.
+            alpha = m / float(torch.linalg.matrix_norm(i_minus_w.detach(), ord=2)) ** 2
+            step = eye - alpha * i_minus_w
+            return lambda z: F.relu(z @ step.T + alpha * u)
+        skew = self.B - _adjoint_kernel(self.B)
+        with torch.no_grad():
+            bound = m + float(self.operator_norm(self.A)) ** 2 + float(self.operator_norm(skew))
+        alpha = m / bound ** 2
+        # f(z) = relu((1 - alpha m) z + alpha (B - B^T) z - alpha A^T A z + alpha u), folded into two kernels.
+        direct = alpha * skew + (1.0 - alpha * m) * _identity_kernel(self.B)
+        a_scaled = math.sqrt(alpha) * self.A
+        conv, conv_t = self._conv_pair()
+        return lambda z: F.relu(conv(z, direct) - conv_t(conv(z, a_scaled), a_scaled) + alpha * u)
+
+    def _linear(self, weight: Tensor) -> Callable[[Tensor], Tensor]:
+        if self.kind == "mlp":
+            return lambda z: z @ weight.T
+        conv, _ = self._conv_pair()
+        return lambda z: conv(z, weight)
+
+    def _conv_pair(self):
+        pad = self.kernel_size // 2
+        if self.kind == "conv1d":
+            return (lambda z, w: F.conv1d(z, w, padding=pad)), (lambda z, w: F.conv_transpose1d(z, w, padding=pad))
+        return (lambda z, w: F.conv2d(z, w, padding=pad)), (lambda z, w: F.conv_transpose2d(z, w, padding=pad))
+
+    def flops(self) -> int:
+        """FLOPs (2 x multiply-adds) of one f(z, u) evaluation for one sample."""
+        positions = math.prod(self.spatial) if self.spatial else 1
+        taps = self.kernel_size ** len(self.spatial)
+        one = 2 * self.width * self.width * taps * positions
+        # Monotone convolutions cost three convolutions per step (direct, A, A^T); the mlp one folds into one.
+        return 3 * one if (self.contraction == "monotone" and self.kind != "mlp") else one
+
+
+def conv_operator_norm(weight: Tensor, spatial: tuple[int, ...]) -> Tensor:
+    """Upper bound of the operator norm of the same-padded convolution with ``weight`` on a ``spatial`` grid.
+
+    Exact norm of the circular convolution on the grid extended by ``kernel // 2`` per dimension (which
+    contains the zero-padded operator as a compression): the largest singular value over frequencies of
+    the kernel's Fourier transform. Differentiable.
+    """
+    dims = len(spatial)
+    sizes = [n + k // 2 for n, k in zip(spatial, weight.shape[2:])]
+    if dims == 1:
+        spectrum = torch.fft.rfft(weight, n=sizes[0], dim=-1)
+    else:
+        spectrum = torch.fft.rfft2(weight, s=sizes, dim=(-2, -1))
+    out_ch, in_ch = weight.shape[:2]
+    matrices = spectrum.reshape(out_ch, in_ch, -1).permute(2, 0, 1)
+    return torch.linalg.matrix_norm(matrices, ord=2).max()
+
+
+def _adjoint_kernel(weight: Tensor) -> Tensor:
+    """Kernel of the adjoint of a same-padded, odd-sized convolution: transposed channels, flipped taps."""
+    spatial_dims = tuple(range(2, weight.dim()))
+    return weight.transpose(0, 1).flip(spatial_dims)
+
+
+def _identity_kernel(like: Tensor) -> Tensor:
+    """Convolution kernel of the identity operator, shaped like ``like``."""
+    kernel = torch.zeros_like(like)
+    centre = tuple(k // 2 for k in like.shape[2:])
+    idx = torch.arange(like.shape[0], device=like.device)
+    kernel[(idx, idx, *centre)] = 1.0
+    return kernel
+
+
+def _weight_shape(kind: str, width: int, kernel_size: int) -> tuple[int, ...]:
+    if kind == "mlp":
+        return (width, width)
+    if kind == "conv1d":
+        return (width, width, kernel_size)
+    return (width, width, kernel_size, kernel_size)
+
+
+def _check_cell_args(kind, width, spatial, contraction, spectral_gain, monotone_margin, kernel_size) -> None:
+    if kind not in CELL_KINDS:
+        raise ValueError(f"unknown cell {kind!r}; valid cells: {list(CELL_KINDS)}")
+    if contraction not in CONTRACTIONS:
+        raise ValueError(f"unknown contraction {contraction!r}; valid contractions: {list(CONTRACTIONS)}")
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"width must be an integer >= 1, got {width!r}")
+    expected = {"mlp": 0, "conv1d": 1, "conv2d": 2}[kind]
+    if len(spatial) != expected:
+        raise ValueError(f"cell {kind!r} needs {expected} spatial dimension(s), got {tuple(spatial)}")
+    if contraction == "spectral" and not (isinstance(spectral_gain, (int, float)) and 0 < spectral_gain < 1):
+        raise ValueError(f"spectral_gain must be in (0, 1) for contraction 'spectral', got {spectral_gain!r}")
+    if contraction == "monotone" and not (isinstance(monotone_margin, (int, float)) and 0 < monotone_margin <= 1):
+        raise ValueError(f"monotone_margin must be in (0, 1], got {monotone_margin!r}")
+    if kind != "mlp" and (isinstance(kernel_size, bool) or not isinstance(kernel_size, int)
+                          or kernel_size < 1 or kernel_size % 2 == 0):
+        raise ValueError(f"kernel_size must be an odd integer >= 1, got {kernel_size!r}")

@@ -1,0 +1,231 @@
+"""Simulated devices: tiers, per-round iteration budgets, the simulated clock and every fleet-level draw.
+
+Pure python + numpy (no Flower, no torch). Every random draw comes from ``rng(seed, *keys)`` with keys that
+name what is drawn (``"availability", round`` or ``"straggler", round, partition_id``), so a draw never
+depends on the order in which draws are made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from fed_deq.scenario import Scenario, resolve_clients_per_round, tier_counts
+
+BYTES_PER_PARAM = 4  # float32
+BITS_PER_BYTE = 8
+
+
+def rng(seed: int, *keys: int | str) -> np.random.Generator:
+    """A generator for one named draw, derived from the scenario seed with numpy's SeedSequence.
+
+    Keys are stable ints or strings (round number, partition id, a name). They are hashed with a
+    length-prefixed encoding first, because SeedSequence pads short entropy with zeros and splits big
+    ints into 32-bit words: ``SeedSequence([s, 3])`` equals ``SeedSequence([s, 3, 0])``, which would make
+    ``rng(s, "x", 0)`` and ``rng(s, "x")`` the same stream.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    digest = hashlib.sha256()
+    for key in keys:
+        digest.update(_encode_key(key))
+    words = np.frombuffer(digest.digest(), dtype=np.uint32)
+    return np.random.default_rng(np.random.SeedSequence([int(seed), *(int(w) for w in words)]))
+
+
+def _encode_key(key: int | str) -> bytes:
+    if isinstance(key, (bool, np.bool_)):
+        raise TypeError(f"rng keys must be ints or strings, got {key!r}")
+    if isinstance(key, (int, np.integer)):
+        tag, text = b"i", str(int(key))
+    elif isinstance(key, str):
+        tag, text = b"s", key
+    else:
+        raise TypeError(f"rng keys must be ints or strings, got {type(key).__name__} {key!r}")
+    data = text.encode("utf-8")
+    return tag + len(data).to_bytes(8, "little") + data
+
+
+@dataclass(frozen=True)
+class Device:
+    """One simulated client device; ``partition_id`` is its index in the fleet and its data partition."""
+
+    partition_id: int
+    tier: str
+    compute_flops: float        # sustained FLOP/s for local training
+    bandwidth_bps: float        # bit/s, same up and down
+    availability: float         # probability of being reachable in a round
+    dropout: float              # probability of dropping out mid-round once sampled
+    straggler_prob: float       # probability of running slow in a round
+    straggler_slowdown: float   # factor on compute time when slow
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Solver iterations per solve: forward (fixed-point) and backward (gradient) iterations."""
+
+    forward: int
+    backward: int
+
+    @property
+    def total(self) -> int:
+        """Forward plus backward iterations."""
+        return self.forward + self.backward
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """Who is reachable, who is sampled and who of those drops out; sorted partition ids."""
+
+    available: list[int] = field(default_factory=list)
+    sampled: list[int] = field(default_factory=list)
+    dropped_out: list[int] = field(default_factory=list)
+
+    @property
+    def active(self) -> list[int]:
+        """Sampled clients that do not drop out (the ones expected to reply)."""
+        dropped = set(self.dropped_out)
+        return [pid for pid in self.sampled if pid not in dropped]
+
+
+def build_fleet(scenario: Scenario) -> list[Device]:
+    """All devices, index = partition id; tiers are spread over partition ids by a seeded shuffle."""
+    tiers = {tier.name: tier for tier in scenario.fleet.tiers}
+    labels = [name for name, count in tier_counts(scenario).items() for _ in range(count)]
+    order = rng(scenario.seed, "fleet", "tiers").permutation(len(labels))
+    fleet = []
+    for partition_id, label_index in enumerate(order):
+        tier = tiers[labels[label_index]]
+        fleet.append(Device(
+            partition_id=partition_id,
+            tier=tier.name,
+            compute_flops=tier.compute_gflops * 1e9,
+            bandwidth_bps=tier.bandwidth_mbps * 1e6,
+            availability=tier.availability,
+            dropout=tier.dropout,
+            straggler_prob=tier.straggler_prob,
+            straggler_slowdown=tier.straggler_slowdown,
+        ))
+    return fleet
+
+
+def model_bytes(num_params: int) -> int:
+    """Size on the wire of a float32 model."""
+    return int(num_params) * BYTES_PER_PARAM
+
+
+def comm_seconds(device: Device, model_bytes: int) -> float:
+    """Download plus upload of the model at the device's bandwidth."""
+    return 2 * model_bytes * BITS_PER_BYTE / device.bandwidth_bps
+
+
+def compute_seconds(device: Device, flops: float) -> float:
+    """Time the device needs for ``flops`` at its nominal speed (straggling is applied by the caller)."""
+    return flops / device.compute_flops
+
+
+def training_flops(samples: int, epochs: int, overhead_flops: float, cell_flops: float,
+                   forward_iters: float, backward_iters: float) -> float:
+    """FLOPs of local training: per sample and epoch, 3x encoder/head (forward + backward) plus the solves.
+
+    The backward pass costs two cell evaluations per iteration (a vector-Jacobian product).
+    """
+    per_sample = 3 * overhead_flops + forward_iters * cell_flops + 2 * backward_iters * cell_flops
+    return float(epochs) * float(samples) * per_sample
+
+
+def split_budget(total: int, backward: str, backward_iterations: int) -> Budget:
+    """Split a per-solve budget between the forward solve and the backward pass, per backward mode."""
+    if backward == "one-step":
+        back = 1
+    elif backward == "phantom":
+        back = min(backward_iterations, total - 1)
+    elif backward == "implicit":
+        back = min(backward_iterations, total // 2)
+    else:
+        raise ValueError(f"unknown backward mode {backward!r}; valid: one-step, implicit, phantom")
+    forward = total - back
+    if forward < 1 or back < 0:
+        raise ValueError(f"a budget of {total} iterations cannot hold a forward solve with backward {backward!r}")
+    return Budget(forward=forward, backward=back)
+
+
+def plan_budget(device: Device, *, deadline_s: float, comm_s: float, samples: int, epochs: int,
+                cell_flops: float, overhead_flops: float, backward: str, backward_iterations: int,
+                min_iterations: int, max_iterations: int) -> Budget:
+    """The largest per-solve budget whose local training fits in the deadline after communication.
+
+    Bounded by [min_iterations, max_iterations]. When not even min_iterations fits, the min budget is
+    returned anyway: the device then overruns the deadline and becomes a straggler, which is the point.
+    """
+    if max_iterations < min_iterations:
+        raise ValueError(f"max_iterations ({max_iterations}) < min_iterations ({min_iterations})")
+    time_left = deadline_s - comm_s
+
+    def fits(total: int) -> bool:
+        budget = split_budget(total, backward, backward_iterations)
+        flops = training_flops(samples, epochs, overhead_flops, cell_flops, budget.forward, budget.backward)
+        return compute_seconds(device, flops) <= time_left
+
+    # Cost grows strictly with the total in every backward mode, so bisect for the largest total that fits.
+    low, high = min_iterations, max_iterations
+    if not fits(low):
+        return split_budget(low, backward, backward_iterations)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return split_budget(low, backward, backward_iterations)
+
+
+def plan_round(fleet: Sequence[Device], *, seed: int, round: int, clients_per_round: int | float) -> RoundPlan:
+    """Availability draws, then sampling without replacement, then dropout draws, for one round.
+
+    ``clients_per_round`` is a count, or a float in (0, 1] meaning a fraction of the fleet.
+    Each draw is made for every device, so one device's outcome never depends on who else was drawn.
+    """
+    size = len(fleet)
+    availability = np.array([device.availability for device in fleet], dtype=float)
+    dropout = np.array([device.dropout for device in fleet], dtype=float)
+    available = np.flatnonzero(rng(seed, "availability", round).random(size) < availability)
+    wanted = resolve_clients_per_round(clients_per_round, size) if size else 0
+    count = min(wanted, available.size)
+    sampled = np.sort(rng(seed, "sample", round).choice(available, size=count, replace=False))
+    drops = rng(seed, "dropout", round).random(size) < dropout
+    dropped = sampled[drops[sampled]]
+    ids = [int(fleet[i].partition_id) for i in range(size)]
+    return RoundPlan(
+        available=[ids[i] for i in available],
+        sampled=[ids[i] for i in sampled],
+        dropped_out=[ids[i] for i in dropped],
+    )
+
+
+def straggler_slowdown(device: Device, *, seed: int, round: int) -> float:
+    """The device's slowdown factor this round: its tier's slowdown if the straggler draw hits, else 1.0."""
+    hit = rng(seed, "straggler", round, device.partition_id).random() < device.straggler_prob
+    return float(device.straggler_slowdown) if hit else 1.0
+
+
+def round_time(client_times: Sequence[float], deadline_s: float) -> tuple[np.ndarray, float]:
+    """Which replies beat the deadline, and how long the round lasted.
+
+    The server waits for every sampled client or until the deadline, whichever comes first: the round lasts
+    as long as the slowest client, capped by the deadline. Pass ``inf`` for a client that dropped out.
+    With no clients at all the round still lasts the deadline (nobody could be reached in time).
+    """
+    times = np.asarray(client_times, dtype=float).reshape(-1)
+    if np.isnan(times).any() or (times < 0).any():
+        raise ValueError(f"client times must be >= 0, got {times.tolist()}")
+    if not deadline_s > 0:
+        raise ValueError(f"deadline_s must be > 0, got {deadline_s!r}")
+    accepted = times <= deadline_s
+    if times.size == 0:
+        return accepted, float(deadline_s)
+    return accepted, float(min(times.max(), deadline_s))
+

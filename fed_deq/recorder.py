@@ -1,0 +1,118 @@
+"""Turns finished rounds into records: central evaluation, metrics.jsonl, progress, summary and plot."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fed_deq import results
+from fed_deq.rounds import RoundReport
+from fed_deq.scenario import Scenario, dump_scenario
+from fed_deq.workload import Arrays, build_scenario_model, evaluate_global, scenario_data, tier_eval_budgets
+
+
+class RunRecorder:
+    """Writes one ``metrics.jsonl`` line per round as it finishes, so an interrupted run keeps its rounds."""
+
+    def __init__(self, scenario: Scenario, out_dir: str | Path, *, progress: bool = False,
+                 console: Console | None = None) -> None:
+        self.scenario = scenario
+        self.out_dir = Path(out_dir)
+        self.model = build_scenario_model(scenario, scenario_data(scenario))
+        self.tier_budgets = tier_eval_budgets(scenario, self.model)
+        self.metrics: list[dict] = []
+        self.initial: dict | None = None
+        self.sim_time_s = 0.0
+        self._console = console or Console(stderr=True)
+        self._show_progress = progress
+        self._progress: Progress | None = None
+        self._task = None
+        self._writer: results.MetricsWriter | None = None
+        self._started = time.perf_counter()
+
+    def __enter__(self) -> RunRecorder:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        results.write_scenario(self.out_dir, dump_scenario(self.scenario))
+        self._writer = results.MetricsWriter(self.out_dir).__enter__()
+        if self._show_progress:
+            self._progress = Progress(TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
+                                      TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                                      console=self._console, transient=False)
+            self._progress.start()
+            self._task = self._progress.add_task("rounds", total=self.scenario.training.rounds, status="")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        if self._writer is not None:
+            self._writer.__exit__(*exc)
+
+    def initial_model(self, arrays: Arrays) -> dict:
+        """Evaluate the starting model (round 0); kept for the summary, not a metrics line."""
+        self.initial = evaluate_global(self.scenario, self.model, arrays, self.tier_budgets)
+        return self.initial
+
+    def record_round(self, server_round: int, arrays: Arrays, report: RoundReport | None) -> dict:
+        """Evaluate the round's global model, write its metrics line and advance the progress bar."""
+        evaluation = evaluate_global(self.scenario, self.model, arrays, self.tier_budgets)
+        report = report or RoundReport(server_round=server_round)
+        self.sim_time_s += report.round_sim_time_s
+        record = {"round": server_round, "accuracy": evaluation["accuracy"], "loss": evaluation["loss"],
+                  "sim_time_s": self.sim_time_s, **report.to_record(),
+                  "accuracy_by_tier": evaluation["accuracy_by_tier"],
+                  "eval_iterations": evaluation["eval_iterations"],
+                  "eval_rel_residual": evaluation["eval_rel_residual"],
+                  "wall_time_s": time.perf_counter() - self._started}
+        self._writer.write_round(record)
+        self.metrics.append(record)
+        if self._progress is not None:
+            status = (f"acc {record['accuracy']:.3f}  sim {self.sim_time_s:,.0f}s  "
+                      f"{record['clients_completed']}/{record['clients_sampled']} clients")
+            self._progress.update(self._task, advance=1, status=status)
+        return record
+
+    def finish(self) -> dict:
+        """Write summary.json and accuracy.png; return the summary."""
+        summary = results.summarise(self.metrics, scenario_name=self.scenario_name,
+                                    fusion_rule=self.scenario.fusion.rule,
+                                    wall_time_s=time.perf_counter() - self._started)
+        if self.initial is not None:
+            summary["initial_accuracy"] = self.initial["accuracy"]
+        summary["faults"] = {key: sum(m[key] for m in self.metrics)
+                             for key in ("clients_dropped", "clients_rejected", "clients_failed")}
+        results.write_summary(self.out_dir, summary)
+        if self.metrics:
+            results.plot_accuracy(self.metrics, self.out_dir / "accuracy.png")
+        return summary
+
+    @property
+    def scenario_name(self) -> str:
+        """The scenario's file stem (or its source label)."""
+        return Path(str(self.scenario.source)).stem if getattr(self.scenario, "source", None) else "scenario"
+
+
+def summary_table(summary: dict, metrics: list[dict]) -> Table:
+    """A short closing table for the terminal."""
+    table = Table(title=f"fed-deq · {summary.get('scenario')} · fusion {summary.get('fusion_rule')}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+
+    def fmt(value) -> str:
+        if isinstance(value, float):
+            return "—" if math.isnan(value) else f"{value:.4g}"
+        return "—" if value is None else str(value)
+
+    for key in ("rounds", "final_accuracy", "best_accuracy", "initial_accuracy", "sim_time_s", "wall_time_s"):
+        table.add_row(key, fmt(summary.get(key)))
+    if metrics and metrics[-1].get("accuracy_by_tier"):
+        for tier, acc in metrics[-1]["accuracy_by_tier"].items():
+            table.add_row(f"final accuracy @ {tier} budget", fmt(acc))
+    for key, value in summary.get("faults", {}).items():
+        table.add_row(key.replace("clients_", "clients ") + " (all rounds)", fmt(value))
+    return table

@@ -1,0 +1,183 @@
+"""What a client and the server compute each round, from a scenario (torch, no Flower).
+
+The Flower adapters in ``clients/`` and ``server/`` only translate Messages to these calls and back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fed_deq import data, fleet
+from fed_deq.deq import build_model
+from fed_deq.errors import InputError
+from fed_deq.scenario import Scenario, resolve_tier
+from fed_deq.training import LocalTrainConfig, evaluate, train_local
+
+Arrays = dict[str, np.ndarray]
+
+
+def scenario_data(scenario: Scenario) -> data.DataBundle:
+    """The scenario's dataset (memoised per process by ``data.load_dataset``)."""
+    ds = scenario.dataset
+    return data.load_dataset(ds.name, seed=scenario.seed, num_samples=ds.num_samples,
+                             test_fraction=ds.test_fraction, image_key=ds.image_key, label_key=ds.label_key)
+
+
+def build_scenario_model(scenario: Scenario, bundle: data.DataBundle) -> nn.Module:
+    """The scenario's DEQ classifier, initialised from the scenario seed (global RNG state untouched)."""
+    m = scenario.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(fleet.rng(scenario.seed, "model-init").integers(2**31)))
+        return build_model(cell=m.cell, input_shape=tuple(bundle.input_shape), num_classes=bundle.num_classes,
+                           width=m.width, contraction=m.contraction, spectral_gain=m.spectral_gain)
+
+
+def model_arrays(model: nn.Module) -> Arrays:
+    """The model's state as numpy arrays (copies), keyed by state-dict name."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def load_arrays(model: nn.Module, arrays: Arrays) -> None:
+    """Load numpy arrays into the model; missing or extra keys are an error."""
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}, strict=True)
+
+
+def num_parameters(model: nn.Module) -> int:
+    """Number of scalars the client downloads and uploads."""
+    return sum(int(v.numel()) for v in model.state_dict().values())
+
+
+def client_partition(scenario: Scenario, partition_id: int) -> data.ClientData:
+    """The client's local train/validation data."""
+    ds, part = scenario.dataset, scenario.dataset.partition
+    return data.client_data(scenario_data(scenario), partition_id, num_partitions=fleet_size(scenario),
+                            kind=part.kind, seed=scenario.seed, alpha=part.alpha,
+                            classes_per_client=part.classes_per_client,
+                            min_partition_size=part.min_partition_size,
+                            validation_fraction=ds.validation_fraction)
+
+
+def fleet_size(scenario: Scenario) -> int:
+    """Total number of clients of the scenario's fleet."""
+    return len(fleet.build_fleet(scenario))
+
+
+def client_device(scenario: Scenario, partition_id: int, tier: str | None = None) -> fleet.Device:
+    """The simulated device of a partition; a deployment may pin the tier through node config."""
+    devices = fleet.build_fleet(scenario)
+    if not 0 <= partition_id < len(devices):
+        raise InputError(f"partition-id {partition_id} is outside the fleet of {len(devices)} clients")
+    device = devices[partition_id]
+    if tier is None or tier == device.tier:
+        return device
+    template = next(d for d in devices if d.tier == resolve_tier(scenario, tier).name)
+    return dataclasses.replace(template, partition_id=partition_id)
+
+
+def plan_client_budget(scenario: Scenario, device: fleet.Device, model: nn.Module, samples: int) -> fleet.Budget:
+    """The per-solve iteration budget this device affords within the round deadline."""
+    t, m = scenario.training, scenario.model
+    comm = fleet.comm_seconds(device, fleet.model_bytes(num_parameters(model)))
+    return fleet.plan_budget(device, deadline_s=t.deadline_s, comm_s=comm, samples=samples,
+                             epochs=t.local_epochs, cell_flops=model.cell_flops(),
+                             overhead_flops=model.overhead_flops(), backward=m.backward,
+                             backward_iterations=m.backward_iterations, min_iterations=t.min_iterations,
+                             max_iterations=t.max_iterations)
+
+
+@dataclass(frozen=True)
+class ClientRound:
+    """One client's reply for one round: new arrays, metrics, and the warm-start bank to keep."""
+
+    arrays: Arrays
+    metrics: dict[str, float]
+    warm_start: np.ndarray
+
+
+def run_client_round(
+    scenario: Scenario,
+    partition_id: int,
+    server_round: int,
+    global_arrays: Arrays,
+    *,
+    tier: str | None = None,
+    warm_start: np.ndarray | None = None,
+    proximal_mu: float = 0.0,
+) -> ClientRound:
+    """Train the global model on this client's data within its device budget and report what it cost."""
+    torch.set_num_threads(1)  # one simulated device per core; also keeps float sums reproducible
+    bundle = scenario_data(scenario)
+    local = client_partition(scenario, partition_id)
+    device = client_device(scenario, partition_id, tier)
+    model = build_scenario_model(scenario, bundle)
+    load_arrays(model, global_arrays)
+    budget = plan_client_budget(scenario, device, model, len(local.y_train))
+    t, m = scenario.training, scenario.model
+    cfg = LocalTrainConfig(epochs=t.local_epochs, batch_size=t.batch_size, learning_rate=t.learning_rate,
+                           optimizer=t.optimizer, momentum=t.momentum, solver=m.solver, tol=m.tol,
+                           backward=m.backward, proximal_mu=proximal_mu)
+    if warm_start is not None and (not t.warm_start or len(warm_start) != len(local.y_train)):
+        warm_start = None
+    gen = torch.Generator().manual_seed(int(fleet.rng(scenario.seed, "shuffle", server_round,
+                                                      partition_id).integers(2**31)))
+    result, bank = train_local(model, local.x_train, local.y_train, cfg=cfg, forward_budget=budget.forward,
+                               backward_budget=budget.backward, generator=gen, warm_start=warm_start)
+    val = evaluate(model, local.x_val, local.y_val, solver=m.solver, max_iter=budget.forward, tol=m.tol)
+    metrics = _round_metrics(scenario, device, model, budget, result, val, server_round, partition_id)
+    return ClientRound(arrays=model_arrays(model), metrics=metrics, warm_start=bank)
+
+
+def _round_metrics(scenario, device, model, budget, result, val, server_round, partition_id) -> dict[str, float]:
+    """The reply metrics the server screens and fuses on (names are the wire contract)."""
+    flops = fleet.training_flops(result.num_examples, scenario.training.local_epochs, model.overhead_flops(),
+                                 model.cell_flops(), result.forward_iterations, result.backward_iterations)
+    slowdown = fleet.straggler_slowdown(device, seed=scenario.seed, round=server_round)
+    compute_s = fleet.compute_seconds(device, flops) * slowdown
+    comm_s = fleet.comm_seconds(device, fleet.model_bytes(num_parameters(model)))
+    val_acc = val.accuracy if val.num_examples else 0.0
+    return {
+        "num-examples": float(result.num_examples),
+        "local-steps": float(result.local_steps),
+        "forward-iterations": result.forward_iterations,
+        "backward-iterations": result.backward_iterations,
+        "budget-total": float(budget.total),
+        "budget-share": budget.total / scenario.training.max_iterations,
+        "rel-residual": result.rel_residual,
+        "val-accuracy": float(val_acc),
+        "train-loss": result.train_loss,
+        "compute-s": compute_s,
+        "comm-s": comm_s,
+        "sim-time-s": compute_s + comm_s,
+        "server-round": float(server_round),
+        "partition-id": float(partition_id),
+    }
+
+
+def tier_eval_budgets(scenario: Scenario, model: nn.Module) -> dict[str, int]:
+    """Forward budget a typical device of each tier affords (mean partition size), for per-tier evaluation."""
+    devices = fleet.build_fleet(scenario)
+    bundle = scenario_data(scenario)
+    samples = max(1, int(len(bundle.y_train) * (1 - scenario.dataset.validation_fraction) / len(devices)))
+    budgets: dict[str, int] = {}
+    for device in devices:
+        if device.tier not in budgets:
+            budgets[device.tier] = plan_client_budget(scenario, device, model, samples).forward
+    return budgets
+
+
+def evaluate_global(scenario: Scenario, model: nn.Module, arrays: Arrays,
+                    tier_budgets: dict[str, int]) -> dict:
+    """Centralised test accuracy at the evaluation budget and at each tier's own budget."""
+    bundle = scenario_data(scenario)
+    load_arrays(model, arrays)
+    m = scenario.model
+    main = evaluate(model, bundle.x_test, bundle.y_test, solver=m.solver, max_iter=m.eval_iterations, tol=m.tol)
+    by_tier = {tier: evaluate(model, bundle.x_test, bundle.y_test, solver=m.solver, max_iter=k, tol=m.tol).accuracy
+               for tier, k in tier_budgets.items()}
+    return {"accuracy": main.accuracy, "loss": main.loss, "eval_iterations": main.mean_iterations,
+            "eval_rel_residual": main.rel_residual, "accuracy_by_tier": by_tier}

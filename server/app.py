@@ -1,0 +1,32 @@
+"""Flower ServerApp of fed-deq (used by `flwr run .` and deployments; simulation builds its own)."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fed_deq.scenario import load_scenario
+from server.federation import run_federation
+
+app = ServerApp()
+
+
+def _scenario_path(value: str) -> Path:
+    """A run-config scenario path: absolute, or relative to the app directory (where this package lives)."""
+    path = Path(value)
+    if path.is_absolute() or path.exists():
+        return path
+    return Path(__file__).resolve().parent.parent / path
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the scenario named by the run config (`scenario`, `out-dir`, `set`)."""
+    cfg = context.run_config
+    scenario = load_scenario(_scenario_path(str(cfg.get("scenario", "scenarios/default.yaml"))),
+                             overrides=shlex.split(str(cfg.get("set", ""))))
+    out_dir = str(cfg.get("out-dir", "")) or f"runs/{Path(str(scenario.source)).stem}"
+    run_federation(grid, scenario, out_dir, timeout_s=float(cfg.get("round-timeout-s", 600.0)))

@@ -1,0 +1,33 @@
+"""Conversions between Flower records and the plain numpy data fed_deq works on."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message
+
+from fed_deq.rounds import Reply
+
+
+def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    """Numpy arrays keyed by state-dict name → an ArrayRecord (order kept)."""
+    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
+
+
+def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """An ArrayRecord → numpy arrays keyed by name."""
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def to_reply(message: Message, partitions: dict[int, int]) -> Reply:
+    """A reply Message → :class:`Reply`; malformed content becomes an empty reply that screening rejects."""
+    node_id = message.metadata.src_node_id
+    partition_id = partitions.get(node_id)
+    if message.has_error():
+        return Reply(node_id=node_id, partition_id=partition_id, error=str(message.error.reason))
+    try:
+        arrays = from_array_record(message.content["arrays"])
+        metrics = {k: float(v) for k, v in message.content["metrics"].items()}
+    except Exception:  # noqa: BLE001 - a malformed payload is the client's fault, never the run's
+        # Empty content fails screening with a precise reason (missing keys), so it is counted as rejected.
+        return Reply(node_id=node_id, partition_id=partition_id, arrays={}, metrics={})
+    return Reply(node_id=node_id, partition_id=partition_id, arrays=arrays, metrics=metrics)
