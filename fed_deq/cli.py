@@ -40,9 +40,9 @@ def load_from_args(args: argparse.Namespace):
     return load_scenario(args.scenario or _default_scenario(), overrides=args.overrides)
 
 
-def _default_out(scenario, sub: str = "") -> Path:
-    """runs/<scenario stem>[/sub] — where outputs go when --out is not given."""
-    return Path("runs") / Path(str(scenario.source)).stem / sub
+def scenario_name(args: argparse.Namespace) -> str:
+    """The scenario's file stem, used to name runs and outputs."""
+    return Path(args.scenario or _default_scenario()).stem
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -54,10 +54,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fed_deq.runner import simulate
 
     scenario = load_from_args(args)
-    out_dir = Path(args.out) if args.out else _default_out(scenario)
+    name = scenario_name(args)
+    out_dir = Path(args.out) if args.out else Path("runs") / name
     console = Console(stderr=True)
-    console.print(f"[bold]fed-deq[/] simulating [cyan]{scenario.source}[/] → {out_dir}")
-    summary = simulate(scenario, out_dir, progress=not args.no_progress)
+    console.print(f"[bold]fed-deq[/] simulating [cyan]{args.scenario or _default_scenario()}[/] → {out_dir}")
+    summary = simulate(scenario, out_dir, name=name, progress=not args.no_progress)
     console.print(summary_table(summary, read_metrics(out_dir / "metrics.jsonl")))
     console.print(f"outputs in {out_dir}/ (metrics.jsonl, summary.json, scenario.yaml, accuracy.png)")
     return 0

@@ -19,9 +19,10 @@ from fed_deq.workload import Arrays, build_scenario_model, evaluate_global, scen
 class RunRecorder:
     """Writes one ``metrics.jsonl`` line per round as it finishes, so an interrupted run keeps its rounds."""
 
-    def __init__(self, scenario: Scenario, out_dir: str | Path, *, progress: bool = False,
+    def __init__(self, scenario: Scenario, out_dir: str | Path, *, name: str = "scenario", progress: bool = False,
                  console: Console | None = None) -> None:
         self.scenario = scenario
+        self.scenario_name = name
         self.out_dir = Path(out_dir)
         self.model = build_scenario_model(scenario, scenario_data(scenario))
         self.tier_budgets = tier_eval_budgets(scenario, self.model)
@@ -90,11 +91,6 @@ class RunRecorder:
         if self.metrics:
             results.plot_accuracy(self.metrics, self.out_dir / "accuracy.png")
         return summary
-
-    @property
-    def scenario_name(self) -> str:
-        """The scenario's file stem (or its source label)."""
-        return Path(str(self.scenario.source)).stem if getattr(self.scenario, "source", None) else "scenario"
 
 
 def summary_table(summary: dict, metrics: list[dict]) -> Table:

@@ -116,12 +116,9 @@ def screen_replies(
 
 def close_round(report: RoundReport, accepted: list[Reply], deadline_s: float) -> None:
     """Fill the simulated round time and the solver statistics of the accepted replies."""
-    times = [r.metrics["sim-time-s"] for r in accepted]
-    if accepted:
-        mask, round_time = fleet.round_time(times, deadline_s)
-        report.round_sim_time_s = float(round_time)
-    else:
-        report.round_sim_time_s = float(deadline_s)  # nobody made it: the server waited the whole deadline
+    # A client that dropped out or straggled keeps the server waiting until the deadline.
+    times = [r.metrics["sim-time-s"] for r in accepted] + [math.inf] * len(report.dropped)
+    _, report.round_sim_time_s = fleet.round_time(times, deadline_s)
     if accepted:
         iters = [r.metrics["forward-iterations"] + r.metrics["backward-iterations"] for r in accepted]
         report.mean_iterations = float(np.mean(iters))

@@ -19,7 +19,7 @@ class RunFailed(RuntimeError):
 def quiet_flower() -> None:
     """Keep Flower's and Ray's per-round INFO chatter off the terminal; fed-deq draws its own progress."""
     for name in ("flwr", "ray"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
@@ -33,7 +33,7 @@ def backend_config(scenario: Scenario) -> dict:
     return {"client_resources": {"num_cpus": sim.cpus_per_client, "num_gpus": 0.0}, "init_args": init_args}
 
 
-def simulate(scenario: Scenario, out_dir: str | Path, *, progress: bool = True) -> dict:
+def simulate(scenario: Scenario, out_dir: str | Path, *, name: str = "scenario", progress: bool = True) -> dict:
     """Run every round of ``scenario`` through Flower + Ray; return the summary written to ``out_dir``."""
     os.environ.update(FLOWER_ENV)
     quiet_flower()
@@ -51,7 +51,7 @@ def simulate(scenario: Scenario, out_dir: str | Path, *, progress: bool = True) 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         quiet_flower()
-        outcome["summary"] = run_federation(grid, scenario, out_dir, progress=progress)
+        outcome["summary"] = run_federation(grid, scenario, out_dir, name=name, progress=progress)
 
     try:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=fleet_size(scenario),

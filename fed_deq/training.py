@@ -94,7 +94,7 @@ def train_local(
     Returns the round's result and the per-sample fixed points reached (the warm start for next round;
     indexed like ``x``). ``warm_start`` must have one fixed point per sample of ``x`` or be None.
     """
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    xt, yt = torch.tensor(x), torch.tensor(y)  # copies: cached datasets are read-only
     z_bank = torch.from_numpy(warm_start).clone() if warm_start is not None else None
     optimizer = make_optimizer(model.parameters(), cfg)
     anchor = [p.detach().clone() for p in model.parameters()] if cfg.proximal_mu > 0 else []
@@ -157,8 +157,8 @@ def evaluate(
     model.eval()
     correct, loss_sum, iters, residual = 0, 0.0, 0.0, 0.0
     for start in range(0, len(x), batch_size):
-        xb = torch.from_numpy(x[start : start + batch_size])
-        yb = torch.from_numpy(y[start : start + batch_size])
+        xb = torch.tensor(x[start : start + batch_size])  # a copy: cached datasets are read-only
+        yb = torch.tensor(y[start : start + batch_size])
         out = model(xb, solver=solver, max_iter=max_iter, tol=tol, backward="one-step")
         correct += int((out.logits.argmax(dim=1) == yb).sum())
         loss_sum += float(F.cross_entropy(out.logits, yb, reduction="sum"))

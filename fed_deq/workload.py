@@ -31,10 +31,9 @@ def scenario_data(scenario: Scenario) -> data.DataBundle:
 def build_scenario_model(scenario: Scenario, bundle: data.DataBundle) -> nn.Module:
     """The scenario's DEQ classifier, initialised from the scenario seed (global RNG state untouched)."""
     m = scenario.model
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(fleet.rng(scenario.seed, "model-init").integers(2**31)))
-        return build_model(cell=m.cell, input_shape=tuple(bundle.input_shape), num_classes=bundle.num_classes,
-                           width=m.width, contraction=m.contraction, spectral_gain=m.spectral_gain)
+    return build_model(cell=m.cell, input_shape=tuple(bundle.input_shape), num_classes=bundle.num_classes,
+                       width=m.width, contraction=m.contraction, spectral_gain=m.spectral_gain,
+                       seed=int(fleet.rng(scenario.seed, "model-init").integers(2**31)))
 
 
 def model_arrays(model: nn.Module) -> Arrays:

@@ -26,7 +26,7 @@ def _scenario_path(value: str) -> Path:
 def main(grid: Grid, context: Context) -> None:
     """Run the scenario named by the run config (`scenario`, `out-dir`, `set`)."""
     cfg = context.run_config
-    scenario = load_scenario(_scenario_path(str(cfg.get("scenario", "scenarios/default.yaml"))),
-                             overrides=shlex.split(str(cfg.get("set", ""))))
-    out_dir = str(cfg.get("out-dir", "")) or f"runs/{Path(str(scenario.source)).stem}"
-    run_federation(grid, scenario, out_dir, timeout_s=float(cfg.get("round-timeout-s", 600.0)))
+    path = _scenario_path(str(cfg.get("scenario", "scenarios/default.yaml")))
+    scenario = load_scenario(path, overrides=shlex.split(str(cfg.get("set", ""))))
+    out_dir = str(cfg.get("out-dir", "")) or f"runs/{path.stem}"
+    run_federation(grid, scenario, out_dir, name=path.stem, timeout_s=float(cfg.get("round-timeout-s", 600.0)))

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
 
 Tamper = Callable[[int, Message], Message]
 
@@ -20,6 +21,8 @@ class FakeGrid(Grid):
 
     def __init__(self, client_app, num_nodes: int, *, seed: int = 0, node_config_extra: dict | None = None,
                  tamper: Tamper | None = None, raise_for: Iterable[int] = ()):
+        # The Flower runtime sets who "this process" is before a ServerApp builds Messages; so do we.
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
         rng = np.random.default_rng(seed)
         ids = [int(x) for x in rng.choice(2**40, size=num_nodes, replace=False)]
         self.client_app = client_app

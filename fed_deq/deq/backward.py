@@ -1,14 +1,17 @@
-"""Gradient paths from a fixed point z* found without autograd.
+"""Gradient paths from a fixed point found without autograd.
 
+The solver returns ``z* = f(z_eval)`` (see solvers.find_fixed_point). Every mode starts from the evaluated
+point ``z_eval`` and recomputes ``f(z_eval)`` with autograd, so the value that reaches the head in training
+is the solver's ``z*`` (for one-step and implicit) and training and evaluation agree at the same budget.
 Each mode returns a tensor ``z`` that carries gradients to the parameters (and the injection) and fills a
 ``stats`` dict when ``loss.backward()`` reaches it. ``stats["iterations"]`` (int64, one entry per sample)
 counts vector-Jacobian products through the cell f, the unit the device budgets charge for backward work:
 
-- ``"one-step"`` (Jacobian-free): ``z = f(z*)``; 1 backward iteration.
-- ``"phantom"``: ``k = backward_max_iter`` unrolled damped steps ``z <- (1 - lam) z + lam f(z)`` from z*;
-  k backward iterations.
-- ``"implicit"``: ``z = f(z*)`` and the incoming gradient g is replaced by the solution y of the adjoint
-  fixed point ``y = J_f(z*)^T y + g``, solved with the forward solver under a budget of
+- ``"one-step"`` (Jacobian-free): ``z = f(z_eval)``; 1 backward iteration.
+- ``"phantom"``: ``k = backward_max_iter`` unrolled damped steps ``z <- (1 - lam) z + lam f(z)`` from
+  ``z_eval`` (with ``lam = 1`` the first step reproduces z*); k backward iterations.
+- ``"implicit"``: ``z = f(z_eval)`` and the incoming gradient g is replaced by the solution y of the adjoint
+  fixed point ``y = J_f(z_eval)^T y + g``, solved with the forward solver under a budget of
   ``backward_max_iter - 1`` vector-Jacobian products (the last one of the budget is the product that carries
   y into the parameters). Iterations = adjoint iterations + 1, so they never exceed ``backward_max_iter``;
   with ``backward_max_iter = 1`` it is the one-step gradient.
@@ -36,12 +39,12 @@ def check_backward(mode: str, backward_max_iter: int, damping: float) -> None:
         raise ValueError(f"phantom_damping must be in (0, 1], got {damping!r}")
 
 
-def attach_gradient(f: Callable[[Tensor], Tensor], z_star: Tensor, *, mode: str, backward_max_iter: int,
+def attach_gradient(f: Callable[[Tensor], Tensor], z_eval: Tensor, *, mode: str, backward_max_iter: int,
                     solver: str, tol: float, solver_options: dict, damping: float,
                     stats: dict) -> Tensor:
-    """Return z (with autograd) built from the detached fixed point ``z_star``; see the module docstring."""
+    """Return z (with autograd) built from the solver's evaluated point ``z_eval``; see the module docstring."""
     check_backward(mode, backward_max_iter, damping)
-    z_star = z_star.detach()
+    z_star = z_eval.detach()
     batch = z_star.shape[0]
     if mode == "one-step":
         z = f(z_star)

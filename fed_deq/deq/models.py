@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .backward import attach_gradient, check_backward
 from .cells import CELL_KINDS, DEQCell
-from .solvers import solve
+from .solvers import find_fixed_point
 
 _POOLED_SIDE = 4
 
@@ -82,22 +82,23 @@ class DEQClassifier(nn.Module):
         """Solve for the fixed point under the given budget and attach the chosen gradient path.
 
         ``solver_options`` go to the forward solver and to the implicit adjoint solver; ``backward_tol``
-        (default ``tol``) is the adjoint's tolerance. With autograd disabled (evaluation) no gradient path is
-        built and no extra f evaluation is spent.
+        (default ``tol``) is the adjoint's tolerance. With autograd enabled the gradient path recomputes the
+        solver's last useful step with autograd (same value, see backward.py); with autograd disabled
+        (evaluation) no f evaluation beyond the budget is spent.
         """
         check_backward(backward, backward_max_iter, phantom_damping)
         options = dict(solver_options or {})
         u = self.inject(x)
         f = self.cell.bind(u)
         start = self._start(z0, u)
-        z_star, forward_stats = solve(f, start, solver=solver, max_iter=max_iter, tol=tol, **options)
+        found = find_fixed_point(f, start, solver=solver, max_iter=max_iter, tol=tol, **options)
         backward_stats: dict[str, Tensor] = {}
-        z = z_star
+        z = found.z
         if torch.is_grad_enabled():
-            z = attach_gradient(f, z_star, mode=backward, backward_max_iter=backward_max_iter, solver=solver,
+            z = attach_gradient(f, found.z_eval, mode=backward, backward_max_iter=backward_max_iter, solver=solver,
                                 tol=tol if backward_tol is None else backward_tol, solver_options=options,
                                 damping=phantom_damping, stats=backward_stats)
-        return DEQOutput(logits=self.readout(z), z=z_star.detach(), forward_stats=forward_stats,
+        return DEQOutput(logits=self.readout(z), z=found.z.detach(), forward_stats=found.stats,
                          backward_stats=backward_stats)
 
     def _start(self, z0: Tensor | None, u: Tensor) -> Tensor:

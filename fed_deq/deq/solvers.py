@@ -18,19 +18,36 @@ A sample whose ``f`` output is non-finite, or whose residual grows beyond ``dive
 problem's scale ``max(||z0||, ||f(z0)||, 1)``, is stopped as divergent: ``converged=False``, residuals ``inf``,
 and its returned iterate is its best finite one (``z0`` itself if the very first evaluation blew up).
 
+:func:`find_fixed_point` returns the same plus the evaluated point ``z_eval`` whose image is the returned
+``z`` (``z = f(z_eval)``); gradient paths recompute ``f(z_eval)`` with autograd, so a model's training output
+equals its evaluation output at the same budget.
+
 A new solver is one function registered with :func:`register_solver`; it receives ``(f, z0, *, max_iter,
-tol, **its_options)`` on flattened tensors and should drive a :class:`FixedPointTracker`.
+tol, **its_options)`` on flattened ``[B, D]`` tensors, drives a :class:`FixedPointTracker` (one
+``observe`` per f call) and returns ``tracker.result()``.
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-SolverFn = Callable[..., tuple[Tensor, dict[str, Tensor]]]
+
+
+@dataclass
+class FixedPoint:
+    """A solver's answer: ``z = f(z_eval)`` per sample, and the per-sample stats of ``z_eval``."""
+
+    z: Tensor
+    z_eval: Tensor
+    stats: dict[str, Tensor]
+
+
+SolverFn = Callable[..., FixedPoint]
 
 # Name -> solver function. Filled at import time by @register_solver below.
 SOLVERS: dict[str, SolverFn] = {}
@@ -78,6 +95,13 @@ def solve(f: Callable[[Tensor], Tensor], z0: Tensor, *, solver: str, max_iter: i
     ``converged`` (bool). Raises ValueError for an unknown solver, an unknown option, a bad budget or
     tolerance, or a ``z0`` that is not a finite floating tensor.
     """
+    found = find_fixed_point(f, z0, solver=solver, max_iter=max_iter, tol=tol, **options)
+    return found.z, found.stats
+
+
+def find_fixed_point(f: Callable[[Tensor], Tensor], z0: Tensor, *, solver: str, max_iter: int, tol: float,
+                     **options) -> FixedPoint:
+    """Like :func:`solve`, but also returns the evaluated point ``z_eval`` with ``z = f(z_eval)``."""
     fn = _lookup(solver)
     _check_options(solver, options)
     _check_budget(max_iter, tol)
@@ -92,9 +116,8 @@ def solve(f: Callable[[Tensor], Tensor], z0: Tensor, *, solver: str, max_iter: i
         return out.reshape(batch, -1)
 
     with torch.no_grad():
-        z, stats = fn(flat_f, z0.detach().reshape(batch, -1), max_iter=int(max_iter), tol=float(tol),
-                      **options)
-    return z.view(shape), stats
+        found = fn(flat_f, z0.detach().reshape(batch, -1), max_iter=int(max_iter), tol=float(tol), **options)
+    return FixedPoint(found.z.view(shape), found.z_eval.view(shape), found.stats)
 
 
 def _lookup(name: str) -> SolverFn:
@@ -156,6 +179,7 @@ class FixedPointTracker:
         self.diverged = torch.zeros(batch, dtype=torch.bool, device=device)
         self.iterations = torch.zeros(batch, dtype=torch.int64, device=device)
         self.best_z = z0.clone()
+        self.best_z_eval = z0.clone()
         self.best_abs = torch.full((batch,), float("inf"), dtype=z0.dtype, device=device)
         self.best_rel = torch.full((batch,), float("inf"), dtype=z0.dtype, device=device)
         self.limit: Tensor | None = None
@@ -174,6 +198,7 @@ class FixedPointTracker:
         healthy = (abs_res <= self.limit) & (rel_res <= float("inf"))
         improved = active & healthy & (rel_res < self.best_rel)
         self.best_z = torch.where(improved[:, None], fz, self.best_z)
+        self.best_z_eval = torch.where(improved[:, None], z, self.best_z_eval)
         self.best_abs = torch.where(improved, abs_res, self.best_abs)
         self.best_rel = torch.where(improved, rel_res, self.best_rel)
         newly_converged = improved & (rel_res <= self.tol)
@@ -193,8 +218,8 @@ class FixedPointTracker:
         """Move active samples to ``z_next``; stopped samples keep ``z``."""
         return torch.where(self.active[:, None], z_next, z)
 
-    def result(self) -> tuple[Tensor, dict[str, Tensor]]:
-        """The returned iterate ([B, D]) and the stats dict."""
+    def result(self) -> FixedPoint:
+        """The returned iterate, the point it is the image of (both [B, D]), and the stats."""
         inf = torch.full_like(self.best_abs, float("inf"))
         stats = {
             "iterations": self.iterations.clone(),
@@ -202,7 +227,7 @@ class FixedPointTracker:
             "rel_residual": torch.where(self.diverged, inf, self.best_rel),
             "converged": self.converged.clone(),
         }
-        return self.best_z, stats
+        return FixedPoint(self.best_z, self.best_z_eval, stats)
 
 
 @register_solver("picard")

@@ -32,14 +32,6 @@ class FleetBinding:
         return {pid: node for node, pid in self.partitions.items()}
 
 
-def clients_per_round(scenario: Scenario, fleet_size: int) -> int:
-    """The scenario's clients per round as a count (a float ≤ 1 is a fraction of the fleet)."""
-    value = scenario.training.clients_per_round
-    if isinstance(value, float):
-        return max(1, round(value * fleet_size))
-    return min(int(value), fleet_size)
-
-
 class FleetMixin:
     """Mix in before a Flower strategy class; call :meth:`bind` before ``start``."""
 
@@ -60,7 +52,7 @@ class FleetMixin:
         """Sample this round's clients with the scenario's generators and give each its own message."""
         b = self.binding
         plan = fleet.plan_round(b.devices, seed=b.scenario.seed, round=server_round,
-                                clients_per_round=clients_per_round(b.scenario, len(b.devices)))
+                                clients_per_round=b.scenario.training.clients_per_round)
         report = RoundReport(server_round=server_round, sampled=list(plan.sampled),
                              unavailable=len(b.devices) - len(plan.available))
         self.reports[server_round] = report
