@@ -6,6 +6,7 @@ import math
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -23,6 +24,9 @@ class RunRecorder:
                  console: Console | None = None) -> None:
         self.scenario = scenario
         self.scenario_name = name
+        # One thread: the simulated clients own the other cores, and oversubscribing them made evaluation
+        # several times slower next to Ray's workers (and float sums depend on the thread count).
+        torch.set_num_threads(1)
         self.out_dir = Path(out_dir)
         self.model = build_scenario_model(scenario, scenario_data(scenario))
         self.tier_budgets = tier_eval_budgets(scenario, self.model)
@@ -61,7 +65,8 @@ class RunRecorder:
 
     def record_round(self, server_round: int, arrays: Arrays, report: RoundReport | None) -> dict:
         """Evaluate the round's global model, write its metrics line and advance the progress bar."""
-        evaluation = evaluate_global(self.scenario, self.model, arrays, self.tier_budgets)
+        _t=time.time(); evaluation = evaluate_global(self.scenario, self.model, arrays, self.tier_budgets)
+        open("/tmp/eval_times.log","a").write(f"{server_round} {_t:.2f} {time.time()-_t:.2f} {__import__('torch').get_num_threads()}\n")
         report = report or RoundReport(server_round=server_round)
         self.sim_time_s += report.round_sim_time_s
         record = {"round": server_round, "accuracy": evaluation["accuracy"], "loss": evaluation["loss"],

@@ -67,8 +67,13 @@ def _implicit(f, z_star: Tensor, *, backward_max_iter: int, solver: str, tol: fl
     if not z_out.requires_grad:
         return z_out
     adjoint_budget = backward_max_iter - 1
+    # autograd.grad(z_out, ...) inside the hook fires this same hook again; the flag lets those inner calls
+    # pass their vector through untouched instead of recursing.
+    solving = [False]
 
-    def adjoint_hook(grad: Tensor) -> Tensor:
+    def adjoint_hook(grad: Tensor) -> Tensor | None:
+        if solving[0]:
+            return None
         if adjoint_budget == 0 or not bool(torch.isfinite(grad).all()):
             stats["iterations"] = _constant_iterations(grad.shape[0], 1, grad.device)
             return grad
@@ -77,8 +82,12 @@ def _implicit(f, z_star: Tensor, *, backward_max_iter: int, solver: str, tol: fl
             (vjp,) = torch.autograd.grad(z_out, z_in, y, retain_graph=True)
             return vjp + grad
 
-        y, adjoint_stats = solve(adjoint_map, grad, solver=solver, max_iter=adjoint_budget, tol=tol,
-                                 **solver_options)
+        solving[0] = True
+        try:
+            y, adjoint_stats = solve(adjoint_map, grad, solver=solver, max_iter=adjoint_budget, tol=tol,
+                                     **solver_options)
+        finally:
+            solving[0] = False
         stats["iterations"] = adjoint_stats["iterations"] + 1
         stats["adjoint_rel_residual"] = adjoint_stats["rel_residual"]
         stats["adjoint_converged"] = adjoint_stats["converged"]

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny scenarios that run in seconds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY_SCENARIO = """\
+seed: 3
+dataset: {name: digits, test_fraction: 0.2, validation_fraction: 0.1, partition: {kind: iid}}
+model: {cell: mlp, width: 16, contraction: spectral, solver: anderson, tol: 1.0e-3, backward: one-step,
+        eval_iterations: 10}
+fleet:
+  tiers:
+    - {name: slow, count: 3, compute_gflops: 0.002, bandwidth_mbps: 10, availability: 1.0}
+    - {name: fast, count: 3, compute_gflops: 0.02, bandwidth_mbps: 50, availability: 1.0}
+training: {rounds: 2, clients_per_round: 4, local_epochs: 1, batch_size: 32, learning_rate: 0.1,
+           deadline_s: 2.0, min_iterations: 2, max_iterations: 12}
+fusion: {rule: quality, score: product}
+simulation: {cpus_per_client: 1}
+"""
+
+
+@pytest.fixture
+def tiny_scenario_path(tmp_path: Path) -> Path:
+    """A 6-client, 2-round digits scenario on disk."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_SCENARIO)
+    return path
