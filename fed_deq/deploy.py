@@ -582,9 +582,13 @@ def _new_deployment(out_dir: Path, fleet_size: int, *, tls: bool, node_auth: boo
     log_dir.mkdir(parents=True, exist_ok=True)
     deployment = Deployment(workdir=workdir, log_dir=log_dir, bin_dir=flower_bin_dir(),
                             superlink_port=free_port(), node_ports=[free_port() for _ in range(fleet_size)])
-    if tls:
-        deployment.certs = generate_certs(workdir / "certs", fleet_size if node_auth else 0)
-    write_flwr_config(workdir / "homes" / "cli", deployment.address, deployment.certs)
+    try:
+        if tls:
+            deployment.certs = generate_certs(workdir / "certs", fleet_size if node_auth else 0)
+        write_flwr_config(workdir / "homes" / "cli", deployment.address, deployment.certs)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
     return deployment
 
 

@@ -1,13 +1,20 @@
 """DEQ classifiers: shapes, parameter budgets, contraction guarantees, FLOPs, gradient paths."""
 
-import itertools
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from fed_deq.deq import BACKWARD_MODES, CONTRACTIONS, build_model, conv_operator_norm
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Run single-threaded: on these tiny tensors OpenMP synchronisation costs more than it saves."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 
 SHAPES = {
     "mlp": [(64,)],
@@ -58,85 +65,55 @@ def test_seeded_initialisation_is_reproducible_and_leaves_global_rng_alone():
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def linear_part_norm(model, shape):
-    """||d f / d z|| at a point where every ReLU is open: the norm of the cell's linear map (exact, dense)."""
-    model = model.double()
-    with torch.no_grad():
-        u = model.inject(inputs(shape, batch=1, dtype=torch.float64))
-    u = u.abs() + 100.0          # pre-activations positive everywhere, so f is affine around z = 0
-    f = model.cell.bind(u)
-    jac = torch.autograd.functional.jacobian(lambda z: f(z.view(u.shape)).flatten(), torch.zeros(u.numel(),
-                                                                                              dtype=u.dtype))
-    return float(torch.linalg.matrix_norm(jac, ord=2))
+def dense(op, state):
+    """Matrix of a linear map on flattened states of shape ``state``."""
+    size = torch.Size(state).numel()
+    basis = torch.eye(size, dtype=torch.float64).view(size, *state)
+    return op(basis).reshape(size, -1).T
+
+
+def pre_activation_matrix(cell):
+    """The cell's linear map before the ReLU, at zero injection: relu(a) - relu(-a) = a, exactly."""
+    f = cell.bind(torch.zeros(1, *cell.state_shape, dtype=torch.float64))
+    return dense(lambda z: f(z) - f(-z), cell.state_shape)
 
 
 @pytest.mark.parametrize("cell, shape", [("mlp", (12,)), ("conv1d", (10,)), ("conv2d", (6, 6))])
 def test_spectral_contraction_bounds_the_true_operator_norm(cell, shape):
     model = build_model(cell=cell, input_shape=shape, num_classes=3, width=6, contraction="spectral",
-                        spectral_gain=0.8)
+                        spectral_gain=0.8).double()
     with torch.no_grad():
         model.cell.weight.mul_(25.0)          # far outside the constraint before normalisation
-    norm = linear_part_norm(model, shape)
+    norm = float(torch.linalg.matrix_norm(pre_activation_matrix(model.cell).detach(), ord=2))
     assert 0.5 < norm <= 0.8 + 1e-9
 
 
 @pytest.mark.parametrize("cell, shape", [("mlp", (12,)), ("conv1d", (10,)), ("conv2d", (6, 6))])
-def test_monotone_cell_is_a_contraction_with_monotone_margin(cell, shape):
+def test_monotone_cell_is_a_contractive_monDEQ_splitting_step(cell, shape):
+    margin = 0.3
     model = build_model(cell=cell, input_shape=shape, num_classes=3, width=6, contraction="monotone",
-                        monotone_margin=0.3, seed=2)
+                        monotone_margin=margin, seed=2).double()
+    c = model.cell
     with torch.no_grad():
-        model.cell.A.mul_(4.0)
-        model.cell.B.mul_(4.0)
-    assert linear_part_norm(model, shape) < 1.0
-    # I - W = m I + A^T A - (B - B^T) is strongly monotone: its symmetric part is >= m I.
-    cell_module = model.cell
-    n = cell_module.width * (torch.Size(shape).numel() if cell == "mlp" else 1)
-    state = (cell_module.width, *cell_module.spatial)
-    eye = torch.eye(torch.Size(state).numel(), dtype=torch.float64)
-    basis = eye.view(-1, *state)
-    f_zero_u = cell_module.bind(torch.zeros(1, *state, dtype=torch.float64))
-    del n
-    # f(z) = relu(z - alpha (I - W) z) on a positive cone; recover (I - W) from the pre-activation map.
-    pre = torch.stack([_pre_activation(cell_module, b[None])[0].flatten() for b in basis], dim=1)
-    alpha = _alpha(cell_module)
-    i_minus_w = (eye - pre) / alpha
-    sym = 0.5 * (i_minus_w + i_minus_w.T)
-    assert float(torch.linalg.eigvalsh(sym).min()) >= 0.3 - 1e-8
-    assert f_zero_u is not None
-
-
-def _pre_activation(cell, z):
-    """The cell's map before the ReLU, with zero injection (relu removed by evaluating on +/- parts)."""
-    f = cell.bind(torch.zeros_like(z))
-    return f(z) - f(-z) * 0 - F.relu(-_linear_of(cell, z))
-
-
-def _linear_of(cell, z):
-    f = cell.bind(torch.zeros_like(z))
-    return f(z) - f(-z) if False else _lin(cell, z)
-
-
-def _lin(cell, z):
-    # relu(a) - relu(-a) = a: recovers the linear pre-activation exactly.
-    f = cell.bind(torch.zeros_like(z))
-    return f(z) - f(-z) if _is_odd_free(cell) else None
-
-
-def _is_odd_free(cell):
-    return True
-
-
-def _alpha(cell):
-    f = cell.bind(torch.zeros(1, *cell.state_shape, dtype=torch.float64))
-    del f
-    m = cell.monotone_margin
-    if cell.kind == "mlp":
-        eye = torch.eye(cell.width, dtype=torch.float64)
-        i_minus_w = m * eye + cell.A.T @ cell.A - cell.B + cell.B.T
-        return m / float(torch.linalg.matrix_norm(i_minus_w.detach(), ord=2)) ** 2
-    skew = cell.B - cell.B.transpose(0, 1).flip(tuple(range(2, cell.B.dim())))
-    bound = m + float(cell.operator_norm(cell.A)) ** 2 + float(cell.operator_norm(skew))
-    return m / bound ** 2
+        c.A.mul_(4.0)
+        c.B.mul_(4.0)
+    step = pre_activation_matrix(c).detach()
+    assert float(torch.linalg.matrix_norm(step, ord=2)) < 1.0
+    # Build I - W = m I + A^T A - B + B^T from the parameters, independently of the implementation.
+    if cell == "mlp":
+        a_op, b_op = c.A.detach(), c.B.detach()
+    else:
+        conv = F.conv1d if cell == "conv1d" else F.conv2d
+        pad = c.kernel_size // 2
+        a_op = dense(lambda z: conv(z, c.A.detach(), padding=pad), c.state_shape)
+        b_op = dense(lambda z: conv(z, c.B.detach(), padding=pad), c.state_shape)
+    eye = torch.eye(step.shape[0], dtype=torch.float64)
+    i_minus_w = margin * eye + a_op.T @ a_op - b_op + b_op.T
+    assert float(torch.linalg.eigvalsh(0.5 * (i_minus_w + i_minus_w.T)).min()) >= margin - 1e-9
+    # The cell is z -> relu(z - alpha (I - W) z + alpha u) for a step size alpha > 0.
+    alpha = float(((eye - step) * i_minus_w).sum() / (i_minus_w * i_minus_w).sum())
+    assert alpha > 0
+    assert torch.allclose(eye - step, alpha * i_minus_w, atol=1e-10)
 
 
 @pytest.mark.parametrize("kernel, spatial", [((4, 3, 3), (9,)), ((4, 3, 5), (7,)), ((3, 2, 3, 3), (5, 4))])
@@ -315,4 +292,4 @@ def test_bad_call_arguments_raise_value_error(kwargs, match):
 
 def test_backward_modes_constant_is_the_documented_set():
     assert set(BACKWARD_MODES) == {"one-step", "implicit", "phantom"}
-    assert list(itertools.chain(CONTRACTIONS)) == ["none", "spectral", "monotone"]
+    assert list(CONTRACTIONS) == ["none", "spectral", "monotone"]

@@ -6,6 +6,15 @@ import torch
 from fed_deq.deq import SOLVERS, find_fixed_point, register_solver, solve, solver_options
 from fed_deq.deq.solvers import FixedPointTracker
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Run single-threaded: on these tiny tensors OpenMP synchronisation costs more than it saves."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 ALL_SOLVERS = ["picard", "anderson", "broyden"]
 
 
