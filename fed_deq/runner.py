@@ -51,7 +51,8 @@ def simulate(scenario: Scenario, out_dir: str | Path, *, name: str = "scenario",
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         quiet_flower()
-        outcome["summary"] = run_federation(grid, scenario, out_dir, name=name, progress=progress)
+        outcome["summary"] = run_federation(grid, scenario, out_dir, name=name, progress=progress,
+                                            timeout_s=scenario.simulation.round_timeout_s)
 
     try:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=fleet_size(scenario),

@@ -226,11 +226,14 @@ class FusionConfig(_Section):
 
 @dataclass(frozen=True)
 class SimulationConfig(_Section):
-    """Ray resources."""
+    """Ray resources, and how long (wall seconds) the server waits for a round's replies."""
 
     cpus_per_client: float = _key(1.0, within=POSITIVE)
     num_cpus: int | None = _key(None, within=AT_LEAST_ONE)
     ray_address: str | None = _key(None)
+    # A reply that never comes (a dead worker or node) must not stall the run: past this, the round closes
+    # with whoever answered and the missing clients count as dropped.
+    round_timeout_s: float = _key(600.0, within=POSITIVE)
 
 
 @dataclass(frozen=True)

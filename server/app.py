@@ -29,4 +29,4 @@ def main(grid: Grid, context: Context) -> None:
     path = _scenario_path(str(cfg.get("scenario", "scenarios/default.yaml")))
     scenario = load_scenario(path, overrides=shlex.split(str(cfg.get("set", ""))))
     out_dir = str(cfg.get("out-dir", "")) or f"runs/{path.stem}"
-    run_federation(grid, scenario, out_dir, name=path.stem, timeout_s=float(cfg.get("round-timeout-s", 600.0)))
+    run_federation(grid, scenario, out_dir, name=path.stem, timeout_s=scenario.simulation.round_timeout_s)

@@ -231,3 +231,21 @@ def test_each_train_message_has_its_own_config(tiny_scenario_path):
     assert len(messages) == 4
     messages[0].content["config"]["server-round"] = 99
     assert messages[1].content["config"]["server-round"] == 1
+
+
+def test_a_node_that_never_answers_counts_as_dropped(tiny_scenario_path, tmp_path):
+    scenario = load_scenario(tiny_scenario_path, overrides=["training.clients_per_round=6"])
+    grid = FakeGrid(client_app, fleet_size(scenario))
+    original = grid.send_and_receive
+
+    def lose_partition_5(messages, *, timeout=None):
+        replies = list(original(messages, timeout=timeout))
+        return [r for r in replies if not (r.metadata.message_type == "train"
+                                           and grid.partition_of[r.metadata.src_node_id] == 5)]
+
+    grid.send_and_receive = lose_partition_5
+    run_federation(grid, scenario, tmp_path / "out")
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["dropped"].get("5", "").startswith("no reply") for r in records)
+    assert all(r["clients_completed"] + r["clients_dropped"] + r["clients_rejected"] + r["clients_failed"]
+               == r["clients_sampled"] for r in records)

@@ -66,6 +66,7 @@ class FleetMixin:
                 report.dropped[pid] = "node offline"
             else:
                 messages.append(self._train_message(server_round, arrays, config, nodes[pid]))
+        self._messaged = {pid for pid in plan.sampled if pid not in report.dropped}
         return messages
 
     def _train_message(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -88,6 +89,9 @@ class FleetMixin:
         t, f = self.binding.scenario.training, self.binding.scenario.fusion
         accepted = screen_replies(parsed, report, reference=self._reference, deadline_s=t.deadline_s,
                                   max_norm_ratio=f.max_norm_ratio)
+        heard = {r.partition_id for r in parsed}
+        for pid in sorted(getattr(self, "_messaged", set()) - heard):
+            report.dropped[pid] = "no reply before the round timeout"
         close_round(report, accepted, t.deadline_s)
         if not accepted:
             return None, None
