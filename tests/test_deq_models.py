@@ -7,6 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fed_deq.deq import BACKWARD_MODES, CONTRACTIONS, build_model, conv_operator_norm
 
+
 @pytest.fixture(autouse=True, scope="module")
 def single_thread():
     """Run single-threaded: on these tiny tensors OpenMP synchronisation costs more than it saves."""
@@ -133,6 +134,15 @@ def test_conv_operator_norm_bounds_the_zero_padded_convolution(kernel, spatial):
     circ = conv(F.pad(ext_basis, (pad, pad) * len(spatial), mode="circular"), weight)
     circ_norm = float(torch.linalg.matrix_norm(circ.reshape(circ.shape[0], -1).T, ord=2))
     assert bound == pytest.approx(circ_norm, rel=1e-9)
+
+
+def test_conv_operator_norm_gradient_is_that_of_the_full_maximum():
+    weight = torch.randn(5, 4, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64,
+                         requires_grad=True)
+    (fast,) = torch.autograd.grad(conv_operator_norm(weight, (6, 5)), weight)
+    spectrum = torch.fft.rfft2(weight, s=(7, 6), dim=(-2, -1)).reshape(5, 4, -1).permute(2, 0, 1)
+    (full,) = torch.autograd.grad(torch.linalg.matrix_norm(spectrum, ord=2).max(), weight)
+    assert torch.allclose(fast, full, atol=1e-10)
 
 
 @pytest.mark.parametrize("cell, shape", [("mlp", (64,)), ("conv1d", (40,)), ("conv2d", (28, 28)),

@@ -6,6 +6,7 @@ import torch
 from fed_deq.deq import SOLVERS, find_fixed_point, register_solver, solve, solver_options
 from fed_deq.deq.solvers import FixedPointTracker
 
+
 @pytest.fixture(autouse=True, scope="module")
 def single_thread():
     """Run single-threaded: on these tiny tensors OpenMP synchronisation costs more than it saves."""
@@ -232,3 +233,17 @@ def test_a_new_solver_is_one_registered_function():
     with pytest.raises(ValueError, match="keyword-only"):
         register_solver("test-bad-signature", lambda f, z0, max_iter, tol: None)
     assert "test-bad-signature" not in SOLVERS
+
+
+def test_best_iterate_is_returned_when_residuals_are_not_monotone():
+    # Picard on f(z) = -0.9 z + 1 oscillates: relative residuals 1, 9, 0.89, 4.0, ... so the best point
+    # of a 4-step budget is the third, not the last.
+    f = Counting(lambda v: -0.9 * v + 1.0)
+    found = find_fixed_point(f, torch.zeros(1, 3, dtype=torch.float64), solver="picard", max_iter=4, tol=0.0)
+    points = torch.cat(f.inputs)
+    images = -0.9 * points + 1.0
+    rel = torch.linalg.vector_norm(images - points, dim=1) / torch.linalg.vector_norm(images, dim=1)
+    best = int(rel.argmin())
+    assert best < len(points) - 1                         # the path under test: the best is superseded
+    assert float(found.stats["rel_residual"][0]) == pytest.approx(float(rel[best]))
+    assert torch.equal(found.z_eval[0], points[best]) and torch.allclose(found.z[0], images[best])

@@ -134,17 +134,26 @@ def conv_operator_norm(weight: Tensor, spatial: tuple[int, ...]) -> Tensor:
 
     Exact norm of the circular convolution on the grid extended by ``kernel // 2`` per dimension (which
     contains the zero-padded operator as a compression): the largest singular value over frequencies of
-    the kernel's Fourier transform. Differentiable.
+    the kernel's Fourier transform. Differentiable: the worst frequency is found without autograd (one
+    batched Hermitian eigensolve), then its norm is recomputed with autograd, which is the gradient of the
+    maximum and avoids a batched SVD backward (10-60 ms per call for the cells here).
     """
-    dims = len(spatial)
+    matrices = _frequency_matrices(weight, spatial)
+    with torch.no_grad():
+        gram = matrices.mH @ matrices
+        worst = int(torch.linalg.eigvalsh(gram)[:, -1].argmax())
+    return torch.linalg.matrix_norm(matrices[worst], ord=2)
+
+
+def _frequency_matrices(weight: Tensor, spatial: tuple[int, ...]) -> Tensor:
+    """[frequencies, out, in] transfer matrices of the circular convolution on the extended grid."""
     sizes = [n + k // 2 for n, k in zip(spatial, weight.shape[2:])]
-    if dims == 1:
+    if len(spatial) == 1:
         spectrum = torch.fft.rfft(weight, n=sizes[0], dim=-1)
     else:
         spectrum = torch.fft.rfft2(weight, s=sizes, dim=(-2, -1))
     out_ch, in_ch = weight.shape[:2]
-    matrices = spectrum.reshape(out_ch, in_ch, -1).permute(2, 0, 1)
-    return torch.linalg.matrix_norm(matrices, ord=2).max()
+    return spectrum.reshape(out_ch, in_ch, -1).permute(2, 0, 1)
 
 
 def _adjoint_kernel(weight: Tensor) -> Tensor:
