@@ -195,7 +195,7 @@ def plot_accuracy(metrics: Sequence[Mapping], path: str | os.PathLike) -> Path:
         raise InputError("plot_accuracy: no rounds to plot")
     rounds = [int(r.get("round", i + 1)) for i, r in enumerate(metrics)]
     times = _sim_times(metrics)
-    curves = {"all clients": [_nan_if_none(_accuracy(r)) for r in metrics]}
+    curves = {"global model, eval budget": [_nan_if_none(_accuracy(r)) for r in metrics]}
     for tier in _tiers(metrics):
         curves[tier] = [_nan_if_none(_accuracy({"accuracy": (r.get("accuracy_by_tier") or {}).get(tier)}))
                         for r in metrics]
@@ -204,9 +204,9 @@ def plot_accuracy(metrics: Sequence[Mapping], path: str | os.PathLike) -> Path:
     axes = figure.subplots(1, 2, sharey=True)
     for ax, xs, xlabel in ((axes[0], rounds, "round"), (axes[1], times, "simulated time (s)")):
         for name, ys in curves.items():
-            overall = name == "all clients"
+            overall = name == "global model, eval budget"
             ax.plot(xs, ys, marker="o" if overall else None, linewidth=2.2 if overall else 0.9,
-                    alpha=1.0 if overall else 0.75, label=name if overall else f"tier {name}")
+                    alpha=1.0 if overall else 0.75, label=name if overall else f"at {name} budget")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
