@@ -9,13 +9,14 @@
 #      still finish every round;
 #   6. tear down containers and networks (images are kept for speed; dockerd is stopped if we started it).
 # Outputs are copied to runs/containers-plain and runs/containers-tls-kill. Env: FED_DEQ_CACHE (default
-# ~/.cache/fed-deq: wheelhouse), PYTHON (default .venv/bin/python), DEBIAN_MIRROR, KEEP_WORK=1.
+# ~/.cache/fed-deq: wheelhouse), PYTHON (default .venv/bin/python), DEBIAN_MIRROR, KEEP_WORK=1,
+# FED_DEQ_BASE_IMAGE (default fed-deq-base:bookworm; built by debootstrap when missing).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${FED_DEQ_CACHE:-$HOME/.cache/fed-deq}
 python=${PYTHON:-$root/.venv/bin/python}
-base_image=fed-deq-base:bookworm
+base_image=${FED_DEQ_BASE_IMAGE:-fed-deq-base:bookworm}
 image=fed-deq:latest
 project=fed-deq-test
 app_uid=10001

@@ -57,8 +57,8 @@ MAX_NODE_CPUS = 1.0
 MIN_NODE_CPUS = 0.1
 NODE_MEM_FLOOR_MIB = 1024
 NODE_MEM_SPAN_MIB = 1024
-SUPERLINK_LIMITS = {"cpus": 0.5, "mem_limit": "1g"}
-SERVERAPP_LIMITS = {"cpus": 1.0, "mem_limit": "3g"}
+SUPERLINK_LIMITS = (("cpus", 0.5), ("mem_limit", "1g"))     # measured peak: about 110 MiB
+SERVERAPP_LIMITS = (("cpus", 1.0), ("mem_limit", "3g"))     # measured peak: about 450 MiB (digits)
 FLOWER_PROGRAMS = ("flower-superlink", "flower-superexec", "flower-supernode", "flwr")
 ROUND_MARKER = "[ROUND 1/"      # Flower's strategies log this when the first round starts
 STOP_GRACE_S = 5.0
@@ -182,24 +182,29 @@ def _container_scenario(opts: ComposeOptions) -> str:
     return f"{CONTAINER_SCENARIO_DIR}/{opts.name}.yaml"
 
 
+def _in_superlink_namespace() -> dict:
+    """Service keys that put a container in the SuperLink's network namespace (its 127.0.0.1)."""
+    return {"network_mode": "service:superlink", "depends_on": ["superlink"]}
+
+
 def compose_services(scenario: Scenario, opts: ComposeOptions, *, tls: bool = False) -> dict[str, dict]:
     """All services of the federation (the full definition; an override keeps only what changes)."""
-    shared = {"network_mode": "service:superlink", "depends_on": ["superlink"]}
+    volumes = [f"./runs:{CONTAINER_RUNS_DIR}", f"{opts.scenario_file}:{_container_scenario(opts)}:ro"]
     services = {
-        "superlink": _service(opts.image, _superlink_cmd(opts, tls), **SUPERLINK_LIMITS),
-        "serverapp": _service(opts.image, _serverapp_cmd(opts, tls), **shared, **SERVERAPP_LIMITS,
-                              volumes=["./runs:" + CONTAINER_RUNS_DIR,
-                                       f"{opts.scenario_file}:{_container_scenario(opts)}:ro"]),
+        "superlink": _service(opts.image, _superlink_cmd(opts, tls), **dict(SUPERLINK_LIMITS)),
+        "serverapp": _service(opts.image, _serverapp_cmd(opts, tls), **_in_superlink_namespace(),
+                              **dict(SERVERAPP_LIMITS), volumes=volumes),
     }
     devices = build_fleet(scenario)
     limits = tier_limits(scenario)
     for device in devices:
         tier = limits[device.tier]
         services[f"supernode-{device.partition_id}"] = _service(
-            opts.image, _supernode_cmd(device, len(devices), opts, tls), **shared,
+            opts.image, _supernode_cmd(device, len(devices), opts, tls), **_in_superlink_namespace(),
             cpus=tier.cpus, mem_limit=tier.mem_limit,
             labels={"fed-deq.tier": device.tier, "fed-deq.partition-id": str(device.partition_id)})
-    services["submit"] = _service(opts.image, _submit_cmd(opts, tls), **shared, profiles=["submit"])
+    services["submit"] = _service(opts.image, _submit_cmd(opts, tls), **_in_superlink_namespace(),
+                                  profiles=["submit"])
     return services
 
 
@@ -524,7 +529,7 @@ def submit_run(deployment: Deployment, app_dir: Path, run_config: Path, *, timeo
     reader = threading.Thread(target=_follow, args=(proc.stdout, deployment.log_dir / "flwr-run.log", watch),
                               daemon=True)
     reader.start()
-    started, killed_at = time.monotonic(), None
+    started, submitted_at, killed_at = time.monotonic(), time.time(), None
     while proc.poll() is None:
         now = time.monotonic()
         if now - started > timeout_s:
@@ -536,7 +541,7 @@ def submit_run(deployment: Deployment, app_dir: Path, run_config: Path, *, timeo
             killed_at = now - started
         time.sleep(0.2)
     reader.join(timeout=5.0)
-    return {"returncode": proc.returncode, "wall_time_s": time.monotonic() - started,
+    return {"returncode": proc.returncode, "wall_time_s": time.monotonic() - started, "submitted_at": submitted_at,
             "killed_at_s": killed_at}
 
 
@@ -551,9 +556,11 @@ def write_run_config(path: Path, scenario_path: Path, out_dir: Path, overrides: 
 
 def check_outputs(out_dir: Path, outcome: dict, log_dir: Path) -> dict:
     """The run's summary.json, after checking `flwr run` succeeded and the output files exist."""
-    missing = [name for name in ("metrics.jsonl", "summary.json") if not (out_dir / name).is_file()]
+    # Files older than the submission are left over from an earlier run in the same folder.
+    missing = [name for name in ("metrics.jsonl", "summary.json")
+               if not (out_dir / name).is_file() or (out_dir / name).stat().st_mtime < outcome["submitted_at"]]
     if outcome["returncode"] != 0 or missing:
-        reason = f"missing {', '.join(missing)}" if missing else f"flwr run exited {outcome['returncode']}"
+        reason = f"no new {', '.join(missing)}" if missing else f"flwr run exited {outcome['returncode']}"
         raise DeploymentFailed(f"run failed ({reason}); logs in {log_dir}")
     return json.loads((out_dir / "summary.json").read_text())
 

@@ -18,9 +18,13 @@ def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in record.items()}
 
 
-def to_reply(message: Message, partitions: dict[int, int]) -> Reply:
-    """A reply Message → :class:`Reply`; malformed content becomes an empty reply that screening rejects."""
-    node_id = message.metadata.src_node_id
+def to_reply(message: Message, partitions: dict[int, int], sent_to: dict[str, int] | None = None) -> Reply:
+    """A reply Message → :class:`Reply`; malformed content becomes an empty reply that screening rejects.
+
+    ``sent_to`` maps the ids of the messages we sent to their destination nodes: an error reply for a node
+    that died comes from the SuperLink itself, so only the message it answers tells whose it is.
+    """
+    node_id = (sent_to or {}).get(message.metadata.reply_to_message_id, message.metadata.src_node_id)
     partition_id = partitions.get(node_id)
     if message.has_error():
         return Reply(node_id=node_id, partition_id=partition_id, error=str(message.error.reason))

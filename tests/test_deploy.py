@@ -1,13 +1,13 @@
 """Deployment: compose generation, and real SuperLink/SuperExec/SuperNode federations on 127.0.0.1.
 
 The federation tests start real Flower processes (one to two minutes per deployment, run concurrently) and
-check afterwards that none of them is left running. Nothing here downloads anything: the scenario uses scikit-learn's bundled digits.
+check afterwards that none of them is left running. Nothing here downloads anything: the scenario uses
+scikit-learn's bundled digits.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -186,7 +186,8 @@ def federations(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     root = tmp_path_factory.mktemp("federations")
     scenario = root / "tiny.yaml"
     scenario.write_text(TINY)
-    variants = {"plain": {"overrides": ["model.width=12"]}, "killed": {"kill_node_after_s": 1.0}, "tls": {"tls": True, "node_auth": True}}
+    variants = {"plain": {"overrides": ["model.width=12"]}, "killed": {"kill_node_after_s": 1.0},
+                "tls": {"tls": True, "node_auth": True}}
     with ThreadPoolExecutor(max_workers=len(variants)) as pool:
         runs = {name: (root / name, pool.submit(deploy.run_local_deployment, scenario, root / name,
                                                 timeout_s=600, **kwargs))

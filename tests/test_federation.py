@@ -249,3 +249,16 @@ def test_a_node_that_never_answers_counts_as_dropped(tiny_scenario_path, tmp_pat
     assert all(r["dropped"].get("5", "").startswith("no reply") for r in records)
     assert all(r["clients_completed"] + r["clients_dropped"] + r["clients_rejected"] + r["clients_failed"]
                == r["clients_sampled"] for r in records)
+
+
+def test_an_error_reply_from_the_superlink_is_filed_under_the_dead_nodes_partition(tiny_scenario_path):
+    from flwr.app import Error
+
+    from server.records import to_reply
+
+    sent = Message(RecordDict(), dst_node_id=777, message_type="train")
+    sent.metadata.__dict__["_message_id"] = "abc"  # what a Grid does when it pushes the message
+    error = Message(Error(code=0, reason="Node Unavailable"), reply_to=sent)
+    error.metadata.__dict__["_src_node_id"] = 1  # the SuperLink answers for a node that died
+    reply = to_reply(error, {777: 4, 1: 9}, {"abc": 777})
+    assert reply.partition_id == 4 and reply.node_id == 777 and "Unavailable" in reply.error

@@ -67,6 +67,7 @@ class FleetMixin:
             else:
                 messages.append(self._train_message(server_round, arrays, config, nodes[pid]))
         self._messaged = {pid for pid in plan.sampled if pid not in report.dropped}
+        self._sent = messages  # the Grid fills in their message ids when it pushes them
         return messages
 
     def _train_message(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -84,8 +85,10 @@ class FleetMixin:
         """Screen every reply, then fuse the accepted ones; one bad reply never ends the run."""
         report = self.reports[server_round]
         messages = list(replies)
-        by_node = {m.metadata.src_node_id: m for m in messages}
-        parsed = [to_reply(m, self.binding.partitions) for m in messages]
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id
+                   for m in getattr(self, "_sent", []) if m.metadata.message_id}
+        parsed = [to_reply(m, self.binding.partitions, sent_to) for m in messages]
+        by_node = {r.node_id: m for r, m in zip(parsed, messages)}
         t, f = self.binding.scenario.training, self.binding.scenario.fusion
         accepted = screen_replies(parsed, report, reference=self._reference, deadline_s=t.deadline_s,
                                   max_norm_ratio=f.max_norm_ratio)
