@@ -222,6 +222,9 @@ def test_killed_supernode_does_not_stop_the_run(federations: dict) -> None:
     assert [r["round"] for r in records] == [1, 2]  # every round finished ...
     assert all(r["clients_completed"] >= 2 for r in records)  # ... with the surviving nodes
     assert any(r["clients_completed"] < 3 for r in records)  # and the kill cost at least one reply
+    # The loss is filed under the killed node's partition (2), even though the SuperLink sends the error.
+    assert all(set(r["failed"]) | set(r["dropped"]) <= {"2"} for r in records)
+    assert any("2" in r["failed"] or "2" in r["dropped"] for r in records)
     assert leftovers(summary) == []
 
 
