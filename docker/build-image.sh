@@ -37,6 +37,8 @@ tar -C "$root" -c --exclude='__pycache__' --exclude='*.pyc' \
   | tar -C "$ctx/app" -x
 
 build_args=(--build-arg "BASE_IMAGE=$base_image")
+# Online builds: TORCH_INDEX_URL names a CPU-only torch wheel index (else pip takes the default CUDA build).
+[[ -n ${TORCH_INDEX_URL:-} ]] && build_args+=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
 if [[ -n ${WHEELHOUSE:-} ]]; then
   # A fixed port: the URL is a build argument, and a new value would invalidate Docker's layer cache.
   port=${WHEELHOUSE_PORT:-18765}

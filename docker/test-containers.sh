@@ -61,11 +61,13 @@ ensure_dockerd() {
 }
 
 debian_mirror() {
-  # The mirror apt already uses (deb822 .sources or a one-line sources.list), else deb.debian.org.
+  # The mirror apt already uses (deb822 .sources or a one-line sources.list); DEBIAN_MIRROR overrides it.
   local uri
   uri=$(grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}' | grep -v security | head -1 || true)
   [[ -z $uri ]] && uri=$(grep -hs '^deb ' /etc/apt/sources.list | awk '{print $2}' | head -1 || true)
-  echo "${DEBIAN_MIRROR:-${uri:-http://deb.debian.org/debian}}"
+  uri=${DEBIAN_MIRROR:-$uri}
+  [[ -n $uri ]] || fail "no Debian mirror found in apt's sources; set DEBIAN_MIRROR"
+  echo "$uri"
 }
 
 ensure_base_image() {
