@@ -88,11 +88,13 @@ def train_local(
     backward_budget: int,
     generator: torch.Generator,
     warm_start: np.ndarray | None = None,
+    reuse_fixed_points: bool = True,
 ) -> tuple[LocalTrainResult, np.ndarray]:
     """Train ``model`` in place on (x, y) within the given per-solve budgets.
 
     Returns the round's result and the per-sample fixed points reached (the warm start for next round;
-    indexed like ``x``). ``warm_start`` must have one fixed point per sample of ``x`` or be None.
+    indexed like ``x``). ``warm_start`` must have one fixed point per sample of ``x`` or be None. With
+    ``reuse_fixed_points`` False every solve starts cold, also in the round's later epochs.
     """
     xt, yt = torch.tensor(x), torch.tensor(y)  # copies: cached datasets are read-only
     z_bank = torch.from_numpy(warm_start).clone() if warm_start is not None else None
@@ -104,7 +106,7 @@ def train_local(
         order = torch.randperm(len(xt), generator=generator)
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
-            z0 = z_bank[idx] if z_bank is not None else None
+            z0 = z_bank[idx] if z_bank is not None and reuse_fixed_points else None
             out = model(xt[idx], solver=cfg.solver, max_iter=forward_budget, tol=cfg.tol,
                         backward=cfg.backward, backward_max_iter=backward_budget, z0=z0)
             loss = F.cross_entropy(out.logits, yt[idx])

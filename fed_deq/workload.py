@@ -125,10 +125,12 @@ def run_client_round(
     gen = torch.Generator().manual_seed(int(fleet.rng(scenario.seed, "shuffle", server_round,
                                                       partition_id).integers(2**31)))
     result, bank = train_local(model, local.x_train, local.y_train, cfg=cfg, forward_budget=budget.forward,
-                               backward_budget=budget.backward, generator=gen, warm_start=warm_start)
+                               backward_budget=budget.backward, generator=gen, warm_start=warm_start,
+                               reuse_fixed_points=t.warm_start)
     val = evaluate(model, local.x_val, local.y_val, solver=m.solver, max_iter=budget.forward, tol=m.tol)
     metrics = _round_metrics(scenario, device, model, budget, result, val, server_round, partition_id)
-    return ClientRound(arrays=model_arrays(model), metrics=metrics, warm_start=bank)
+    keep = bank if t.warm_start else np.zeros((0,), np.float32)  # nothing to carry to the next round
+    return ClientRound(arrays=model_arrays(model), metrics=metrics, warm_start=keep)
 
 
 def _round_metrics(scenario, device, model, budget, result, val, server_round, partition_id) -> dict[str, float]:
