@@ -85,6 +85,8 @@ def bare_loop(scenario: Scenario, out_dir: str | Path, *, name: str = "scenario"
             if accepted:
                 weights = fusion_weights(scenario, accepted)
                 global_arrays = fusion.weighted_average([r.arrays for r in accepted], weights)
+                total = float(sum(weights))
+                report.fusion_weights = {r.partition_id: float(w) / total for r, w in zip(accepted, weights)}
             recorder.record_round(server_round, global_arrays, report)
         return recorder.finish()
 

@@ -65,8 +65,7 @@ class RunRecorder:
 
     def record_round(self, server_round: int, arrays: Arrays, report: RoundReport | None) -> dict:
         """Evaluate the round's global model, write its metrics line and advance the progress bar."""
-        _t=time.time(); evaluation = evaluate_global(self.scenario, self.model, arrays, self.tier_budgets)
-        open("/tmp/eval_times.log","a").write(f"{server_round} {_t:.2f} {time.time()-_t:.2f} {__import__('torch').get_num_threads()}\n")
+        evaluation = evaluate_global(self.scenario, self.model, arrays, self.tier_budgets)
         report = report or RoundReport(server_round=server_round)
         self.sim_time_s += report.round_sim_time_s
         record = {"round": server_round, "accuracy": evaluation["accuracy"], "loss": evaluation["loss"],

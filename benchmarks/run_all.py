@@ -1,0 +1,321 @@
+"""`make bench`: measure the simulator at fleet scale; write benchmarks/results.json and the fleet section of
+docs/benchmarks.md.
+
+Every comparison is a ratio of two runs made back to back in this one invocation, on this machine, so the
+noise of a shared machine hits both sides. Each run is a child process (timed, its whole process tree's
+memory sampled from /proc), run with the exact command recorded next to its figure.
+
+    .venv/bin/python benchmarks/run_all.py [--only overhead,fleet,solvers,hetero] [--out runs/bench]
+
+``--only`` re-measures some steps and keeps the other figures of an existing results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import report  # noqa: E402 - after the path fix so the script runs from anywhere
+from benchmarks.proctree import Measured, run_measured  # noqa: E402
+from benchmarks.schema import FIGURES, SCHEMA_VERSION, SchemaError, check_results, update_fleet_doc  # noqa: E402
+from fed_deq.scenario import load_scenario  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results.json"
+SOLVERS_JSON = ROOT / "benchmarks" / "solvers.json"
+SOLVERS_SCRIPT = ROOT / "benchmarks" / "solvers.py"
+DOC = ROOT / "docs" / "benchmarks.md"
+PY = ".venv/bin/python"
+FED_DEQ = ".venv/bin/fed-deq"
+STEPS = ("overhead", "fleet", "solvers", "hetero")
+#: Rounds of the large-fleet runs: round 1 includes actor start-up, so rounds 2.. give the steady round wall.
+FLEET_ROUNDS = 6
+SMALL_FLEET = 100
+#: Heterogeneous fleet, all 20 rounds of the file (~1.5 s each). Accuracy there stays below ~0.4 in 20 rounds
+#: (Dirichlet 0.3, one local epoch): 0.3 is a level a development run showed both rules reaching.
+HETERO_TARGET = 0.3
+WARM_AFTER_ROUND = 3
+
+
+def figure(name: str, value: float | None, command: str, details: dict, missing: str | None = None) -> dict:
+    """One results.json figure entry, with its unit, goal and whether the goal is met."""
+    unit, goal_max, _, what = FIGURES[name]
+    entry = {"value": value, "unit": unit, "goal": None if goal_max is None else f"<= {goal_max:g}",
+             "goal_max": goal_max, "met": None if goal_max is None or value is None else bool(value <= goal_max),
+             "what": what, "command": command, "details": details}
+    if missing is not None:
+        entry["missing"] = missing
+    return entry
+
+
+def run(command: list[str], log: Path) -> Measured:
+    """Run a benchmark command from the repository root; a failed command stops the benchmark."""
+    print(f"  $ {shlex.join(command)}", flush=True)
+    measured = run_measured(command, log, cwd=ROOT)
+    print(f"    {measured.wall_s:.1f} s, peak RSS {measured.peak.rss_gib:.2f} GiB (tree of "
+          f"{measured.peak.processes} processes)", flush=True)
+    if measured.returncode != 0:
+        tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
+        raise SystemExit(f"benchmark command failed ({measured.returncode}): {shlex.join(command)}\n" + "\n".join(tail))
+    return measured
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Lines of a JSON-lines file."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def steady_round_wall(metrics: list[dict]) -> float:
+    """Median wall seconds per round from round 2 on (round 1 pays for the actors' start-up)."""
+    walls = [b["wall_time_s"] - a["wall_time_s"] for a, b in zip(metrics, metrics[1:])]
+    return statistics.median(walls)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Steps
+
+
+def step_overhead(out: Path) -> dict:
+    """overhead_ratio and warm_over_cold_iters: the default scenario on Flower + Ray vs bare loops."""
+    sim_cmd = [FED_DEQ, "simulate", "scenarios/default.yaml", "--out", str(out / "default-sim"), "--no-progress"]
+    bare_cmd = [PY, "benchmarks/bare_loop.py", "scenarios/default.yaml", "--out", str(out / "default-bare")]
+    cold_cmd = [PY, "benchmarks/bare_loop.py", "scenarios/default.yaml", "--out", str(out / "default-bare-cold"),
+                "--set", "training.warm_start=false"]
+    sim = run(sim_cmd, out / "logs" / "default-sim.log")
+    bare = run(bare_cmd, out / "logs" / "default-bare.log")
+    cold = run(cold_cmd, out / "logs" / "default-bare-cold.log")
+    sim_metrics = read_jsonl(out / "default-sim" / "metrics.jsonl")
+    bare_metrics = read_jsonl(out / "default-bare" / "metrics.jsonl")
+    sim_summary = json.loads((out / "default-sim" / "summary.json").read_text())
+    same_run = max(abs(a["accuracy"] - b["accuracy"]) + abs(a["mean_iterations"] - b["mean_iterations"])
+                   for a, b in zip(sim_metrics, bare_metrics))
+    overhead = figure("overhead_ratio", sim.wall_s / bare.wall_s, f"{shlex.join(sim_cmd)}  vs  {shlex.join(bare_cmd)}", {
+        "simulate_wall_s": sim.wall_s, "bare_loop_wall_s": bare.wall_s,
+        "simulate_rounds_wall_s": sim_summary["wall_time_s"],
+        "simulate_outside_rounds_s": sim.wall_s - sim_summary["wall_time_s"],
+        "simulate_round_wall_s": steady_round_wall(sim_metrics),
+        "bare_round_wall_s": steady_round_wall(bare_metrics),
+        "rounds": len(sim_metrics),
+        "simulate_final_accuracy": sim_metrics[-1]["accuracy"], "bare_final_accuracy": bare_metrics[-1]["accuracy"],
+        "max_abs_difference_accuracy_plus_iterations": same_run,
+        "simulate_peak_rss_gib": sim.peak.rss_gib,
+    })
+    warm = warm_over_cold(read_jsonl(out / "default-bare" / "clients.jsonl"),
+                          read_jsonl(out / "default-bare-cold" / "clients.jsonl"))
+    warm_fig = figure("warm_over_cold_iters", warm.pop("ratio"),
+                      f"{shlex.join(bare_cmd)}  vs  {shlex.join(cold_cmd)}",
+                      {**warm, "cold_bare_loop_wall_s": cold.wall_s,
+                       "ray_run_equals_bare_loop": same_run < 1e-9,
+                       "one_local_epoch": one_epoch_warm_over_cold(out)})
+    return {"overhead_ratio": overhead, "warm_over_cold_iters": warm_fig}
+
+
+def one_epoch_warm_over_cold(out: Path) -> dict:
+    """The same comparison with one local epoch: the deadline then buys budgets above what the solver needs, and
+    the only warm start a cold client gets is none (with several epochs, epochs 2.. reuse epoch 1's fixed points)."""
+    commands = {}
+    for warm in ("true", "false"):
+        commands[warm] = [PY, "benchmarks/bare_loop.py", "scenarios/default.yaml", "--out",
+                          str(out / f"default-bare-1epoch-{warm}"), "--set", "training.local_epochs=1",
+                          "--set", f"training.warm_start={warm}"]
+        run(commands[warm], out / "logs" / f"default-bare-1epoch-{warm}.log")
+    result = warm_over_cold(read_jsonl(out / "default-bare-1epoch-true" / "clients.jsonl"),
+                            read_jsonl(out / "default-bare-1epoch-false" / "clients.jsonl"))
+    return {**result, "command": f"{shlex.join(commands['true'])}  vs  {shlex.join(commands['false'])}"}
+
+
+def warm_over_cold(warm_log: list[dict], cold_log: list[dict]) -> dict:
+    """Mean forward iterations of warm-started replies after round 3 vs the same (round, client) run cold."""
+    cold = {(r["round"], r["partition_id"]): r for r in cold_log}
+    pairs = [(r, cold[(r["round"], r["partition_id"])]) for r in warm_log
+             if r["round"] > WARM_AFTER_ROUND and r["had_warm_start"] and (r["round"], r["partition_id"]) in cold]
+    if not pairs:
+        raise SystemExit("warm_over_cold: no warm-started client after round 3 to compare")
+    warm_iters = statistics.fmean(w["forward-iterations"] for w, _ in pairs)
+    cold_iters = statistics.fmean(c["forward-iterations"] for _, c in pairs)
+    capped = sum(1 for _, c in pairs if c["forward-iterations"] >= c["budget-total"] - c["backward-iterations"] - 1e-9)
+    by_budget: dict[str, list[float]] = {}
+    for w, c in pairs:
+        forward_budget = int(round(c["budget-total"] - c["backward-iterations"]))
+        by_budget.setdefault(str(forward_budget), []).append(w["forward-iterations"] / c["forward-iterations"])
+    return {"ratio": warm_iters / cold_iters, "warm_forward_iterations": warm_iters,
+            "cold_forward_iterations": cold_iters, "client_rounds_compared": len(pairs),
+            "cold_clients_at_their_budget": capped,
+            "ratio_by_forward_budget": {k: statistics.fmean(v) for k, v in sorted(by_budget.items(), key=lambda kv: int(kv[0]))},
+            "warm_rel_residual": statistics.fmean(w["rel-residual"] for w, _ in pairs),
+            "cold_rel_residual": statistics.fmean(c["rel-residual"] for _, c in pairs)}
+
+
+def small_fleet_overrides(clients: int = SMALL_FLEET) -> list[str]:
+    """--set values giving large-fleet.yaml ``clients`` clients with the same training samples per client and the
+    same test set (central evaluation costs the same), so only the fleet size differs."""
+    big = load_scenario(ROOT / "scenarios" / "large-fleet.yaml")
+    total, fraction = big.dataset.num_samples, big.dataset.test_fraction
+    n_test = round(total * fraction)  # how fed_deq.data splits
+    n_train_small = (total - n_test) * clients // big.fleet.num_clients
+    small_total = n_train_small + n_test
+    return ["--set", f"fleet.num_clients={clients}", "--set", f"dataset.num_samples={small_total}",
+            "--set", f"dataset.test_fraction={n_test / small_total!r}"]
+
+
+def step_fleet(out: Path) -> dict:
+    """large_fleet_peak_rss_gib and fleet_size_round_ratio: 1,000 vs 100 clients, 50 sampled per round."""
+    rounds = ["--set", f"training.rounds={FLEET_ROUNDS}"]
+    big_cmd = [FED_DEQ, "simulate", "scenarios/large-fleet.yaml", "--out", str(out / "fleet-1000"), "--no-progress",
+               *rounds]
+    small_cmd = [FED_DEQ, "simulate", "scenarios/large-fleet.yaml", "--out", str(out / "fleet-100"), "--no-progress",
+                 *rounds, *small_fleet_overrides()]
+    big = run(big_cmd, out / "logs" / "fleet-1000.log")
+    small = run(small_cmd, out / "logs" / "fleet-100.log")
+    big_round = steady_round_wall(read_jsonl(out / "fleet-1000" / "metrics.jsonl"))
+    small_round = steady_round_wall(read_jsonl(out / "fleet-100" / "metrics.jsonl"))
+    rss = figure("large_fleet_peak_rss_gib", big.peak.rss_gib, shlex.join(big_cmd), {
+        "peak_pss_gib": big.peak.pss_gib, "processes_at_peak": big.peak.processes, "samples": big.peak.samples,
+        "wall_s": big.wall_s, "rounds": FLEET_ROUNDS, "fleet_100_peak_rss_gib": small.peak.rss_gib})
+    ratio = figure("fleet_size_round_ratio", big_round / small_round,
+                   f"{shlex.join(big_cmd)}  vs  {shlex.join(small_cmd)}", {
+                       "round_wall_1000_s": big_round, "round_wall_100_s": small_round,
+                       "wall_1000_s": big.wall_s, "wall_100_s": small.wall_s,
+                       "rounds_used": f"median of rounds 2..{FLEET_ROUNDS}"})
+    return {"large_fleet_peak_rss_gib": rss, "fleet_size_round_ratio": ratio}
+
+
+def find_key(data, key: str):
+    """The first value stored under ``key`` anywhere in nested dicts (solvers.json's layout is its own)."""
+    if isinstance(data, dict):
+        if key in data:
+            return data[key]
+        for value in data.values():
+            found = find_key(value, key)
+            if found is not None:
+                return found
+    return None
+
+
+def solver_value(found) -> float | None:
+    """A number, or a figure-like dict's ``value``."""
+    if isinstance(found, dict):
+        found = found.get("value")
+    return float(found) if isinstance(found, (int, float)) and not isinstance(found, bool) else None
+
+
+def step_solvers(out: Path) -> dict:
+    """anderson_over_picard_iters and solver_time_ratio_vs_torchdeq, read from benchmarks/solvers.json."""
+    note = "read from benchmarks/solvers.json (written by benchmarks/solvers.py)"
+    if not SOLVERS_JSON.exists() and SOLVERS_SCRIPT.exists():
+        run([PY, "benchmarks/solvers.py"], out / "logs" / "solvers.log")
+        note = "benchmarks/solvers.json was missing: ran benchmarks/solvers.py"
+    data = json.loads(SOLVERS_JSON.read_text(encoding="utf-8")) if SOLVERS_JSON.exists() else None
+    command = f"{PY} benchmarks/solvers.py"
+    if isinstance(data, dict) and isinstance(data.get("command"), str):
+        command = f"{data['command']} ({command})"
+    figures = {}
+    for name in ("anderson_over_picard_iters", "solver_time_ratio_vs_torchdeq"):
+        value = solver_value(find_key(data, name)) if data is not None else None
+        details = {"source": "benchmarks/solvers.json", "note": note}
+        if isinstance(data, dict):
+            details.update({k: data[k] for k in ("date", "headline_batch") if isinstance(data.get(k), (str, int))})
+        missing = None if value is not None else (
+            f"no {name} in benchmarks/solvers.json" if data is not None else "benchmarks/solvers.json and "
+            "benchmarks/solvers.py are both missing")
+        figures[name] = figure(name, value, command, details, missing=missing)
+    return figures
+
+
+def step_hetero(out: Path) -> dict:
+    """quality_over_fedavg_time_to_target: `fed-deq compare` on the heterogeneous fleet."""
+    command = [FED_DEQ, "compare", "scenarios/heterogeneous-fleet.yaml", "--rules", "quality,fedavg",
+               "--target", str(HETERO_TARGET), "--out", str(out / "hetero")]
+    measured = run(command, out / "logs" / "hetero.log")
+    rows = {row["rule"]: row for row in report.read_csv(out / "hetero" / "compare.csv")}
+    quality, fedavg = (rows[r]["sim_time_to_target_s"] for r in ("quality", "fedavg"))
+    scenario = load_scenario(ROOT / "scenarios" / "heterogeneous-fleet.yaml")
+    horizon = scenario.training.rounds * scenario.training.deadline_s  # the longest a run can last
+    details = {"target_accuracy": HETERO_TARGET, "rounds": scenario.training.rounds,
+               "quality_time_to_target_s": quality, "fedavg_time_to_target_s": fedavg,
+               "quality_final_accuracy": rows["quality"]["final_accuracy"],
+               "fedavg_final_accuracy": rows["fedavg"]["final_accuracy"],
+               "quality_best_accuracy": rows["quality"]["best_accuracy"],
+               "fedavg_best_accuracy": rows["fedavg"]["best_accuracy"], "wall_s": measured.wall_s}
+    if quality is None or fedavg is None:
+        # Not reached within the rounds run: count the run's whole horizon, and say so.
+        details["not_reached_counted_as_s"] = horizon
+        quality, fedavg = quality or horizon, fedavg or horizon
+    return {"quality_over_fedavg_time_to_target": figure("quality_over_fedavg_time_to_target", quality / fedavg,
+                                                         shlex.join(command), details)}
+
+
+STEP_FUNCTIONS = {"overhead": step_overhead, "fleet": step_fleet, "solvers": step_solvers, "hetero": step_hetero}
+
+
+# --------------------------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    """Where the figures were measured."""
+    import flwr
+    import ray
+    import torch
+
+    return {"cpus": os.cpu_count() or 1, "python": platform.python_version(), "platform": platform.platform(),
+            "torch": torch.__version__, "flwr": flwr.__version__, "ray": ray.__version__,
+            "load_average_at_start": list(os.getloadavg())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the selected steps, merge with kept figures, check the schema, write results.json and the docs."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(STEPS), help=f"comma-separated steps from {', '.join(STEPS)}")
+    parser.add_argument("--out", default="runs/bench", help="where the benchmark runs write (default runs/bench)")
+    parser.add_argument("--docs-only", action="store_true",
+                        help="measure nothing: rewrite the fleet section of docs/benchmarks.md from results.json")
+    args = parser.parse_args(argv)
+    steps = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        parser.error(f"unknown step(s) {', '.join(unknown)}; valid: {', '.join(STEPS)}")
+    os.chdir(ROOT)  # commands and paths in results.json are relative to the repository root
+    out = Path(os.path.relpath((ROOT / args.out).resolve(), ROOT))
+    if args.docs_only:
+        update_fleet_doc(DOC, report.fleet_section(json.loads(RESULTS.read_text())))
+        return 0
+    os.environ["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() and len(steps) < len(STEPS) else {}
+    figures = dict(previous.get("figures", {}))
+    started = time.perf_counter()
+    info = machine()
+    for step in steps:
+        print(f"[{step}]", flush=True)
+        step_started = time.perf_counter()
+        figures.update(STEP_FUNCTIONS[step](out))
+        print(f"  step {step}: {time.perf_counter() - step_started:.0f} s", flush=True)
+    total = time.perf_counter() - started
+    data = {"schema": SCHEMA_VERSION, "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "total_wall_s": total if len(steps) == len(STEPS) else previous.get("total_wall_s", total),
+            "steps_last_run": steps, "machine": info, "figures": {name: figures.get(name) for name in FIGURES}}
+    try:
+        check_results(data)
+    except SchemaError:
+        partial = out / "results.partial.json"  # e.g. --only on a first run: keep what was measured
+        partial.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        print(f"results incomplete, not written to benchmarks/results.json; measured figures in {partial}")
+        raise
+    RESULTS.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    update_fleet_doc(DOC, report.fleet_section(data))
+    print(report.summary_lines(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

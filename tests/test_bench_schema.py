@@ -1,0 +1,200 @@
+"""benchmarks/: the results.json schema checker, the docs section writer, and the measuring helpers."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import run_all
+from benchmarks.bare_loop import bare_loop
+from benchmarks.proctree import TreeSampler, descendants, run_measured
+from benchmarks.schema import (
+    FIGURES, FLEET_END, FLEET_START, SchemaError, check_results, replace_fleet_section,
+)
+from clients.app import app as client_app
+from fed_deq.results import read_metrics
+from fed_deq.scenario import load_scenario
+from fed_deq.workload import fleet_size
+from server.federation import run_federation
+from tests.fakegrid import FakeGrid
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results.json"
+
+
+def valid_results() -> dict:
+    """A results.json document as run_all writes it (values invented, shapes real)."""
+    values = {"overhead_ratio": 1.3, "large_fleet_peak_rss_gib": 2.4, "fleet_size_round_ratio": 1.05,
+              "anderson_over_picard_iters": 0.72, "solver_time_ratio_vs_torchdeq": 0.88,
+              "warm_over_cold_iters": 0.8, "quality_over_fedavg_time_to_target": 0.9}
+    figures = {name: run_all.figure(name, value, f"cmd {name}", {"a": 1.5, "nested": {"b": [1, 2.0]}})
+               for name, value in values.items()}
+    return {"schema": 1, "generated": "2026-11-29T18:00:00+00:00", "total_wall_s": 700.0,
+            "machine": {"cpus": 2, "python": "3.11"}, "figures": figures}
+
+
+def test_a_document_as_run_all_writes_it_passes():
+    data = valid_results()
+    check_results(data)
+    assert data["figures"]["overhead_ratio"]["met"] is False      # 1.3 > 1.0
+    assert data["figures"]["fleet_size_round_ratio"]["met"] is True
+    assert data["figures"]["quality_over_fedavg_time_to_target"]["met"] is None  # no goal
+    check_results(json.loads(json.dumps(data)))  # and after a JSON round trip
+
+
+def _set(data: dict, path: str, value) -> dict:
+    data = copy.deepcopy(data)
+    *parents, last = path.split(".")
+    node = data
+    for key in parents:
+        node = node[key]
+    if value is KeyError:
+        del node[last]
+    else:
+        node[last] = value
+    return data
+
+
+@pytest.mark.parametrize("path, value, message", [
+    ("figures.overhead_ratio", KeyError, "figures.overhead_ratio: missing"),
+    ("figures.overhead_ratio.value", math.nan, "finite number"),
+    ("figures.overhead_ratio.value", math.inf, "finite number"),
+    ("figures.overhead_ratio.value", "1.3", "finite number"),
+    ("figures.overhead_ratio.value", True, "finite number"),
+    ("figures.overhead_ratio.value", None, "must be measured"),
+    ("figures.overhead_ratio.met", True, "says True"),
+    ("figures.overhead_ratio.unit", "GiB", "unit"),
+    ("figures.overhead_ratio.goal_max", 2.0, "goal_max"),
+    ("figures.overhead_ratio.command", None, "command"),
+    ("figures.overhead_ratio.details.a", math.nan, "details.a: must be finite"),
+    ("figures.quality_over_fedavg_time_to_target.met", False, "must be null"),
+    ("figures.anderson_over_picard_iters.value", None, "missing value needs a reason"),
+    ("figures.warm_over_cold", {}, "unknown figure"),
+    ("schema", 2, "schema"),
+    ("generated", "yesterday", "ISO"),
+    ("total_wall_s", -1, "total_wall_s"),
+    ("machine", {}, "machine"),
+])
+def test_each_defect_is_named(path, value, message):
+    with pytest.raises(SchemaError, match=message):
+        check_results(_set(valid_results(), path, value))
+
+
+def test_only_solver_figures_may_be_missing_with_a_reason():
+    data = valid_results()
+    name = "solver_time_ratio_vs_torchdeq"
+    data["figures"][name] = run_all.figure(name, None, "cmd", {}, missing="benchmarks/solvers.json is missing")
+    check_results(data)
+    assert [n for n, spec in FIGURES.items() if spec[2]] == ["anderson_over_picard_iters",
+                                                            "solver_time_ratio_vs_torchdeq"]
+
+
+def test_the_committed_results_file_passes():
+    assert RESULTS.exists(), "benchmarks/results.json is missing: run `make bench`"
+    data = json.loads(RESULTS.read_text())
+    check_results(data)
+    for name in FIGURES:
+        assert name in data["figures"]
+
+
+# --- docs/benchmarks.md: only the fleet section is ours ------------------------------------------------------
+
+
+def test_fleet_section_replaced_without_touching_the_others():
+    doc = ("# Benchmarks\n\n<!-- solvers:start -->\nsolver text\n<!-- solvers:end -->\n\n"
+           f"{FLEET_START}\nold fleet text\n{FLEET_END}\n\n<!-- containers:start -->\nc\n<!-- containers:end -->\n")
+    new = replace_fleet_section(doc, "## Fleet\nnew text")
+    assert "old fleet text" not in new and "## Fleet\nnew text" in new
+    assert new.replace(f"{FLEET_START}\n## Fleet\nnew text\n{FLEET_END}", "") == \
+        doc.replace(f"{FLEET_START}\nold fleet text\n{FLEET_END}", "")
+    assert replace_fleet_section(new, "## Fleet\nnew text") == new  # idempotent
+
+
+def test_fleet_section_appended_when_absent_and_bad_markers_refused():
+    doc = "# Benchmarks\n\n<!-- solvers:start -->\ns\n<!-- solvers:end -->\n"
+    new = replace_fleet_section(doc, "fleet")
+    assert new.startswith(doc.rstrip()) and new.endswith(f"{FLEET_START}\nfleet\n{FLEET_END}\n")
+    with pytest.raises(SchemaError, match="exactly one"):
+        replace_fleet_section(new + FLEET_START, "x")
+
+
+# --- measuring helpers --------------------------------------------------------------------------------------
+
+
+def test_tree_sampler_counts_memory_held_by_a_grandchild(tmp_path):
+    # A child that starts a grandchild holding 200 MiB: the peak must include the grandchild.
+    code = ("import subprocess, sys; subprocess.run([sys.executable, '-c', "
+            "'import time; b = bytearray(200 * 2**20); b[::4096] = b\"x\" * len(b[::4096]); time.sleep(1.5)'])")
+    measured = run_measured([sys.executable, "-c", code], tmp_path / "log.txt")
+    assert measured.returncode == 0
+    assert measured.peak.processes >= 2
+    assert measured.peak.rss_gib > 200 / 1024
+    assert measured.peak.pss_gib > 150 / 1024
+    assert measured.wall_s >= 1.5
+
+
+def test_descendants_of_this_process_include_a_running_child():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    try:
+        assert child.pid in descendants(__import__("os").getpid())
+        with TreeSampler(child.pid, interval_s=0.05) as sampler:
+            __import__("time").sleep(0.2)
+        assert sampler.peak.samples >= 2 and sampler.peak.rss_kib > 0
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_bare_loop_reproduces_the_federated_run_exactly(tmp_path, tiny_scenario_path):
+    """The overhead baseline does the same work: same clients, same fusion, same accuracy, round by round."""
+    scenario = load_scenario(tiny_scenario_path)
+    bare_loop(scenario, tmp_path / "bare", name="tiny")
+    run_federation(FakeGrid(client_app, fleet_size(scenario), seed=7), scenario, tmp_path / "grid", name="tiny")
+    bare, grid = read_metrics(tmp_path / "bare"), read_metrics(tmp_path / "grid")
+    assert len(bare) == len(grid) == scenario.training.rounds
+    for a, b in zip(bare, grid):
+        assert a["accuracy"] == b["accuracy"] and a["sim_time_s"] == b["sim_time_s"]
+        assert a["mean_iterations"] == b["mean_iterations"] and a["fusion_weights"] == b["fusion_weights"]
+    clients = [json.loads(line) for line in (tmp_path / "bare" / "clients.jsonl").read_text().splitlines()]
+    assert {c["round"] for c in clients} == {1, 2}
+    assert all(c["had_warm_start"] is False for c in clients if c["round"] == 1)
+
+
+def test_warm_over_cold_pairs_the_same_client_rounds():
+    warm = [{"round": 4, "partition_id": 1, "had_warm_start": True, "forward-iterations": 3.0, "budget-total": 10.0,
+             "backward-iterations": 1.0, "rel-residual": 0.01},
+            {"round": 4, "partition_id": 2, "had_warm_start": False, "forward-iterations": 9.0, "budget-total": 10.0,
+             "backward-iterations": 1.0, "rel-residual": 0.01},
+            {"round": 2, "partition_id": 1, "had_warm_start": True, "forward-iterations": 1.0, "budget-total": 10.0,
+             "backward-iterations": 1.0, "rel-residual": 0.01}]
+    cold = [{**r, "had_warm_start": False, "forward-iterations": 6.0, "rel-residual": 0.02} for r in warm]
+    result = run_all.warm_over_cold(warm, cold)
+    assert result["client_rounds_compared"] == 1  # round 2 is too early, client 2 had no warm start
+    assert result["ratio"] == pytest.approx(0.5)
+    assert result["ratio_by_forward_budget"] == {"9": pytest.approx(0.5)}
+
+
+def test_small_fleet_keeps_per_client_data_and_test_set():
+    big = load_scenario(ROOT / "scenarios" / "large-fleet.yaml")
+    small = load_scenario(ROOT / "scenarios" / "large-fleet.yaml", run_all.small_fleet_overrides()[1::2])
+
+    def split(s):  # how fed_deq.data splits train and test
+        n_test = round(s.dataset.num_samples * s.dataset.test_fraction)
+        return s.dataset.num_samples - n_test, n_test
+
+    (big_train, big_test), (small_train, small_test) = split(big), split(small)
+    assert small.fleet.num_clients == 100 and big.fleet.num_clients == 1000
+    assert small_test == big_test
+    assert small_train / 100 == big_train / 1000
+    assert small.training.clients_per_round == big.training.clients_per_round
+
+
+def test_steady_round_wall_skips_round_one():
+    metrics = [{"wall_time_s": 10.0}, {"wall_time_s": 12.0}, {"wall_time_s": 15.0}, {"wall_time_s": 17.0}]
+    assert run_all.steady_round_wall(metrics) == 2.0
