@@ -33,3 +33,15 @@ def tiny_scenario_path(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY_SCENARIO)
     return path
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """Run a module single-threaded: on tiny tensors OpenMP synchronisation costs more than it saves, and two
+    threads on a loaded 2-core machine made a training step ~25x slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

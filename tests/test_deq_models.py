@@ -8,13 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fed_deq.deq import BACKWARD_MODES, CONTRACTIONS, build_model, conv_operator_norm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Run single-threaded: on these tiny tensors OpenMP synchronisation costs more than it saves."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 SHAPES = {

@@ -7,13 +7,7 @@ from fed_deq.deq import SOLVERS, find_fixed_point, register_solver, solve, solve
 from fed_deq.deq.solvers import FixedPointTracker
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Run single-threaded: on these tiny tensors OpenMP synchronisation costs more than it saves."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 ALL_SOLVERS = ["picard", "anderson", "broyden"]

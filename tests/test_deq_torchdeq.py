@@ -9,13 +9,7 @@ from fed_deq.deq import build_model, solve
 PAIRS = [("picard", "fixed_point_iter"), ("anderson", "anderson"), ("broyden", "broyden")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Run single-threaded: on these tiny tensors OpenMP synchronisation costs more than it saves."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def bound_cell(cell, shape):

@@ -10,12 +10,7 @@ from fed_deq.deq import build_model
 from fed_deq.training import LocalTrainConfig, evaluate, train_local
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _data(n=96, seed=0):
