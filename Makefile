@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/fed-deq simulate scenarios/default.yaml --out runs/default
+	$(BIN)/fed-deq simulate
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -211,7 +211,7 @@ class FusionConfig(_Section):
     """How the server fuses client models."""
 
     rule: str = _key("quality", choices=FUSION_RULES)
-    score: str = _key("product", choices=QUALITY_SCORES)
+    score: str = _key("residual", choices=QUALITY_SCORES)
     size_exponent: float = _key(1.0, within=NON_NEGATIVE)
     quality_exponent: float = _key(1.0, within=NON_NEGATIVE)
     beta: float = _key(1.0, within=NON_NEGATIVE)
