@@ -15,7 +15,7 @@ from torch import nn
 from fed_deq import data, fleet
 from fed_deq.deq import build_model
 from fed_deq.errors import InputError
-from fed_deq.scenario import Scenario, resolve_tier
+from fed_deq.scenario import Scenario, num_clients, resolve_tier
 from fed_deq.training import LocalTrainConfig, evaluate, train_local
 
 Arrays = dict[str, np.ndarray]
@@ -62,8 +62,8 @@ def client_partition(scenario: Scenario, partition_id: int) -> data.ClientData:
 
 
 def fleet_size(scenario: Scenario) -> int:
-    """Total number of clients of the scenario's fleet."""
-    return len(fleet.build_fleet(scenario))
+    """Total number of clients of the scenario's fleet (resolved from tier counts/shares; no fleet built)."""
+    return num_clients(scenario)
 
 
 def client_device(scenario: Scenario, partition_id: int, tier: str | None = None) -> fleet.Device:

@@ -31,6 +31,4 @@ def build_strategy(scenario: Scenario) -> FleetMixin:
 
 
 __all__ = ["FleetBinding", "FleetMixin", "build_strategy", "QualityFedAvg", "FedNova", "FleetFedAvg",
-           "FleetFedProx", "FleetFedMedian", "FleetFedTrimmedAvg", "FleetKrum", "RULES"]
-
-RULES = ("quality", "fedavg", "fednova", "fedprox", "fedmedian", "fedtrimmedavg", "krum")
+           "FleetFedProx", "FleetFedMedian", "FleetFedTrimmedAvg", "FleetKrum"]
