@@ -5,7 +5,7 @@ Every comparison is a ratio of two runs made back to back in this one invocation
 noise of a shared machine hits both sides. Each run is a child process (timed, its whole process tree's
 memory sampled from /proc), run with the exact command recorded next to its figure.
 
-    .venv/bin/python benchmarks/run_all.py [--only overhead,fleet,solvers,hetero] [--out runs/bench]
+    .venv/bin/python benchmarks/run_all.py [--only overhead,fleet,solvers,fusion] [--out runs/bench]
 
 ``--only`` re-measures some steps and keeps the other figures of an existing results.json.
 """
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import report  # noqa: E402 - after the path fix so the script runs from anywhere
+from benchmarks import fusion_study, report  # noqa: E402 - after the path fix so the script runs from anywhere
 from benchmarks.proctree import Measured, run_measured  # noqa: E402
 from benchmarks.schema import FIGURES, SCHEMA_VERSION, SchemaError, check_results, update_fleet_doc  # noqa: E402
 from fed_deq.scenario import load_scenario  # noqa: E402
@@ -38,13 +38,12 @@ SOLVERS_SCRIPT = ROOT / "benchmarks" / "solvers.py"
 DOC = ROOT / "docs" / "benchmarks.md"
 PY = ".venv/bin/python"
 FED_DEQ = ".venv/bin/fed-deq"
-STEPS = ("overhead", "fleet", "solvers", "hetero")
+STEPS = ("overhead", "fleet", "solvers", "fusion")
 #: Rounds of the large-fleet runs: round 1 includes actor start-up, so rounds 2.. give the steady round wall.
 FLEET_ROUNDS = 6
 SMALL_FLEET = 100
-#: Heterogeneous fleet, all 20 rounds of the file (~1.5 s each). Accuracy there stays below ~0.4 in 20 rounds
-#: (Dirichlet 0.3, one local epoch): 0.3 is a level a development run showed both rules reaching.
-HETERO_TARGET = 0.3
+FUSION_JSON = ROOT / "benchmarks" / "fusion.json"
+FUSION_SEEDS = "1,2,3,4,5"
 WARM_AFTER_ROUND = 3
 
 
@@ -233,30 +232,27 @@ def step_solvers(out: Path) -> dict:
     return figures
 
 
-def step_hetero(out: Path) -> dict:
-    """quality_over_fedavg_time_to_target: `fed-deq compare` on the heterogeneous fleet."""
-    command = [FED_DEQ, "compare", "scenarios/heterogeneous-fleet.yaml", "--rules", "quality,fedavg",
-               "--target", str(HETERO_TARGET), "--out", str(out / "hetero")]
-    measured = run(command, out / "logs" / "hetero.log")
-    rows = {row["rule"]: row for row in report.read_csv(out / "hetero" / "compare.csv")}
-    quality, fedavg = (rows[r]["sim_time_to_target_s"] for r in ("quality", "fedavg"))
-    scenario = load_scenario(ROOT / "scenarios" / "heterogeneous-fleet.yaml")
-    horizon = scenario.training.rounds * scenario.training.deadline_s  # the longest a run can last
-    details = {"target_accuracy": HETERO_TARGET, "rounds": scenario.training.rounds,
-               "quality_time_to_target_s": quality, "fedavg_time_to_target_s": fedavg,
-               "quality_final_accuracy": rows["quality"]["final_accuracy"],
-               "fedavg_final_accuracy": rows["fedavg"]["final_accuracy"],
-               "quality_best_accuracy": rows["quality"]["best_accuracy"],
-               "fedavg_best_accuracy": rows["fedavg"]["best_accuracy"], "wall_s": measured.wall_s}
-    if quality is None or fedavg is None:
-        # Not reached within the rounds run: count the run's whole horizon, and say so.
-        details["not_reached_counted_as_s"] = horizon
-        quality, fedavg = quality or horizon, fedavg or horizon
-    return {"quality_over_fedavg_time_to_target": figure("quality_over_fedavg_time_to_target", quality / fedavg,
+def step_fusion(out: Path) -> dict:
+    """The multi-seed fusion study (benchmarks/fusion_study.py) and, from it, quality_over_fedavg_time_to_target:
+    the shipped quality score against FedAvg on the heterogeneous fleet, per seed (paired), mean and interval."""
+    command = [PY, "benchmarks/fusion_study.py", "--seeds", FUSION_SEEDS, "--out", str(out / "fusion")]
+    measured = run(command, out / "logs" / "fusion.log")
+    study = json.loads(FUSION_JSON.read_text())
+    rows = study["scenarios"]["heterogeneous-fleet"]
+    quality, fedavg = rows[study["liars_against"]], rows["fedavg"]
+    ratios = [q / f for q, f in zip(quality["time_to_target_s"]["values"], fedavg["time_to_target_s"]["values"])]
+    spread = fusion_study.interval(ratios)
+    details = {"target_accuracy": study["targets"]["heterogeneous-fleet"], "seeds": study["seeds"],
+               "quality_config": study["liars_against"], "per_seed_ratio": ratios, "ratio_ci95": spread["ci95"],
+               "quality_time_to_target_s": quality["time_to_target_s"], "fedavg_time_to_target_s":
+               fedavg["time_to_target_s"], "quality_reached": quality["reached_target"],
+               "fedavg_reached": fedavg["reached_target"], "quality_final_accuracy": quality["final_accuracy"],
+               "fedavg_final_accuracy": fedavg["final_accuracy"], "wall_s": measured.wall_s}
+    return {"quality_over_fedavg_time_to_target": figure("quality_over_fedavg_time_to_target", spread["mean"],
                                                          shlex.join(command), details)}
 
 
-STEP_FUNCTIONS = {"overhead": step_overhead, "fleet": step_fleet, "solvers": step_solvers, "hetero": step_hetero}
+STEP_FUNCTIONS = {"overhead": step_overhead, "fleet": step_fleet, "solvers": step_solvers, "fusion": step_fusion}
 
 
 # --------------------------------------------------------------------------------------------------------

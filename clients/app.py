@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fed_deq import adversary
+from fed_deq.fleet import Budget
 from fed_deq.scenario import parse_scenario_text
 from fed_deq.workload import run_client_round
 from server.records import from_array_record, to_array_record
@@ -31,15 +35,25 @@ def describe(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train within this device's budget; keep per-sample fixed points in node state for a warm start."""
+    """Train within the budget the server assigned; keep per-sample fixed points in node state (warm start).
+
+    A partition the scenario makes an adversary misbehaves as its attack says (fed_deq/adversary.py).
+    """
     config = msg.content["config"]
     scenario = parse_scenario_text(str(config["scenario"]))
+    partition_id = _partition_id(context)
+    attack = adversary.attack_of(scenario, partition_id)
+    if attack == "silent":
+        # Never answer: hold the reply past the server's round timeout, then give up.
+        time.sleep(scenario.simulation.round_timeout_s + 1.0)
+        raise adversary.AdversaryCrash("silent client gave up")
     warm = context.state.array_records.get(_WARM_KEY)
     tier = str(context.node_config.get("tier", "")) or None
+    budget = Budget(forward=int(config["budget-forward"]), backward=int(config["budget-backward"]))
     result = run_client_round(
-        scenario, _partition_id(context), int(config["server-round"]), from_array_record(msg.content["arrays"]),
-        tier=tier, warm_start=warm["z"].numpy() if warm is not None else None,
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        scenario, partition_id, int(config["server-round"]), from_array_record(msg.content["arrays"]),
+        budget=budget, tier=tier, warm_start=warm["z"].numpy() if warm is not None else None,
+        proximal_mu=float(config.get("proximal-mu", 0.0)), attack=attack,
     )
     if result.warm_start.size:
         context.state[_WARM_KEY] = ArrayRecord({"z": Array(np.ascontiguousarray(result.warm_start))})

@@ -8,9 +8,11 @@ would cost seconds. Cached arrays are made read-only so one caller cannot corrup
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import random
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,13 +24,20 @@ PARTITION_KINDS = ("iid", "dirichlet", "pathological")
 IMAGE_KEYS = ("image", "img")
 LABEL_KEYS = ("label", "fine_label")
 
+# Guards the global `random`/`np.random` state that mnist1d's make_dataset seeds and draws from.
+_GLOBAL_RNG_LOCK = threading.Lock()
+
 # Convert hub images in chunks so a 60k-image dataset never sits in memory twice as float32.
 _CONVERT_CHUNK = 4096
 
 
 @dataclass(frozen=True, eq=False)
 class DataBundle:
-    """A dataset split into train and test: float32 features, int64 labels (read-only arrays)."""
+    """A dataset split into train, test and the server's probe set: float32 features, int64 labels (read-only).
+
+    The probe set is drawn from the training split before it is partitioned, so it follows the training
+    distribution and shares no sample with the test set or with any client.
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -36,6 +45,8 @@ class DataBundle:
     y_test: np.ndarray
     num_classes: int
     input_shape: tuple[int, ...]
+    x_probe: np.ndarray | None = None
+    y_probe: np.ndarray | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,8 +79,10 @@ def load_dataset(
     test_fraction: float,
     image_key: str | None = None,
     label_key: str | None = None,
+    probe_samples: int = 0,
 ) -> DataBundle:
-    """Load ``name`` and split it into train/test with a seeded permutation (memoised).
+    """Load ``name`` and split it into train/test (and ``probe_samples`` of train into the probe set) with
+    seeded permutations (memoised).
 
     ``"mnist1d"`` is generated locally (``num_samples`` total, x shape ``(N, 40)``); ``"digits"`` is
     scikit-learn's 8×8 digits (x ``(N, 64)`` in [0, 1], ``num_samples`` ignored); any other name is a
@@ -87,7 +100,23 @@ def load_dataset(
         x, y, num_classes = _load_digits()
     else:
         x, y, num_classes = _load_hub(name, image_key, label_key)
-    return _split_bundle(x, y, num_classes, test_fraction, seed)
+    return _split_probe(_split_bundle(x, y, num_classes, test_fraction, seed), probe_samples, seed)
+
+
+def _split_probe(bundle: DataBundle, probe_samples: int, seed: int) -> DataBundle:
+    """Move ``probe_samples`` random training samples into the probe set (the test set is untouched)."""
+    if isinstance(probe_samples, bool) or not isinstance(probe_samples, (int, np.integer)) or probe_samples < 0:
+        raise InputError(f"fusion.probe_samples: must be an integer >= 0, got {probe_samples!r}")
+    n = len(bundle.y_train)
+    if probe_samples >= n:
+        raise InputError(f"fusion.probe_samples: must be below the {n} training samples, got {probe_samples}")
+    order = rng(seed, "data", "probe-split").permutation(n)
+    probe, train = np.sort(order[:probe_samples]), np.sort(order[probe_samples:])
+    arrays = [np.ascontiguousarray(a) for a in (bundle.x_train[train], bundle.y_train[train],
+                                                bundle.x_train[probe], bundle.y_train[probe])]
+    for a in arrays:
+        a.setflags(write=False)
+    return dataclasses.replace(bundle, x_train=arrays[0], y_train=arrays[1], x_probe=arrays[2], y_probe=arrays[3])
 
 
 def _make_mnist1d(seed: int, num_samples) -> tuple[np.ndarray, np.ndarray, int]:
@@ -99,13 +128,16 @@ def _make_mnist1d(seed: int, num_samples) -> tuple[np.ndarray, np.ndarray, int]:
     args.num_samples = int(num_samples)
     args.seed = seed
     # make_dataset seeds and draws from the global `random`/`np.random`; restore them so loading data
-    # never changes anyone else's random stream.
-    py_state, np_state = random.getstate(), np.random.get_state()
-    try:
-        raw = make_dataset(args)
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
+    # never changes anyone else's random stream. The lock keeps two threads (the runner pre-generates the
+    # server's dataset in one while the server starts in another) from interleaving their draws, which
+    # silently produced two different datasets in one process.
+    with _GLOBAL_RNG_LOCK:
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            raw = make_dataset(args)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
     x = np.concatenate([raw["x"], raw["x_test"]]).astype(np.float32)
     y = np.concatenate([raw["y"], raw["y_test"]]).astype(np.int64)
     return x, y, 10

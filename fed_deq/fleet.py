@@ -8,6 +8,7 @@ depends on the order in which draws are made.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -127,14 +128,100 @@ def compute_seconds(device: Device, flops: float) -> float:
     return flops / device.compute_flops
 
 
-def training_flops(samples: int, epochs: int, overhead_flops: float, cell_flops: float,
-                   forward_iters: float, backward_iters: float) -> float:
-    """FLOPs of local training: per sample and epoch, 3x encoder/head (forward + backward) plus the solves.
+@dataclass(frozen=True)
+class WorkCounts:
+    """What local training evaluated in one round, in per-sample units (summed over all batches).
 
-    The backward pass costs two cell evaluations per iteration (a vector-Jacobian product).
+    Every count is batch-level: a call that runs on a batch of B samples counts B, whether or not a sample
+    still needed it (a batched solve evaluates f on the whole batch until its slowest sample stops).
     """
-    per_sample = 3 * overhead_flops + forward_iters * cell_flops + 2 * backward_iters * cell_flops
-    return float(epochs) * float(samples) * per_sample
+
+    solve_evals: float   # sample-evaluations of f inside forward solves: batch_size * f-calls of the solver
+    grad_evals: float    # sample-evaluations of f recomputed with autograd on the gradient path (forward part);
+                         # each is also differentiated into the cell weights in backward
+    vjp_evals: float     # sample vector-Jacobian products through f with respect to the state (J^T y) in backward
+    samples: float       # sample passes through encoder + head (each charged forward + backward = 3x overhead)
+    norm_calls: float    # calls of the cell's weight normalisation (one per model forward); its backward is charged too
+    solver_steps: float = 0.0  # sample-steps of a solver to a next iterate (f-calls - 1 per solve, forward solves
+                               # and implicit adjoint solves), each charged the solver's own linear algebra
+
+    def __add__(self, other: "WorkCounts") -> "WorkCounts":
+        if not isinstance(other, WorkCounts):
+            return NotImplemented
+        return WorkCounts(*(a + b for a, b in zip(_work_tuple(self), _work_tuple(other))))
+
+
+def _work_tuple(counts: WorkCounts) -> tuple[float, ...]:
+    return (counts.solve_evals, counts.grad_evals, counts.vjp_evals, counts.samples, counts.norm_calls,
+            counts.solver_steps)
+
+
+NO_WORK = WorkCounts(0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+def work_flops(counts: WorkCounts, *, cell_flops: float, overhead_flops: float, norm_flops: float,
+               solver_flops: float = 0.0) -> float:
+    """FLOPs of the work in ``counts`` (the cost model of the simulated clock; docs/design.md).
+
+    ``solve_evals * cell + grad_evals * 2 cell + vjp_evals * cell + samples * 3 overhead
+    + norm_calls * norm_flops + solver_steps * solver_flops``, with ``cell_flops`` one f evaluation per
+    sample, ``overhead_flops`` the encoder + head forward per sample, ``norm_flops`` one call of the weight
+    normalisation INCLUDING its backward, ``solver_flops`` the solver's own work per sample-iteration.
+    A recomputed f evaluation costs 2 cells: its forward and its weight-gradient product in backward; a
+    vector-Jacobian product with respect to the state costs 1 cell (a transposed convolution / matrix
+    product as large as the forward). FLOPs count multiply-adds of matrix products and convolutions as 2,
+    like torch's FlopCounterMode; elementwise work (ReLU, GroupNorm, residual norms, the optimizer step) is
+    not charged.
+    """
+    return (counts.solve_evals * cell_flops
+            + counts.grad_evals * 2.0 * cell_flops
+            + counts.vjp_evals * cell_flops
+            + counts.samples * 3.0 * overhead_flops
+            + counts.norm_calls * norm_flops
+            + counts.solver_steps * solver_flops)
+
+
+def local_steps(samples: int, batch_size: int, epochs: int) -> int:
+    """Optimizer steps of a round: ``ceil(samples / batch_size)`` batches per epoch (the last one smaller)."""
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if samples < 0 or epochs < 0:
+        raise ValueError(f"samples and epochs must be >= 0, got {samples!r}, {epochs!r}")
+    return math.ceil(int(samples) / int(batch_size)) * int(epochs)
+
+
+def max_work(*, samples: int, batch_size: int, epochs: int, forward: int, backward: int,
+             backward_mode: str) -> WorkCounts:
+    """The most work a client can do in a round with per-solve budget (forward, backward): a hard bound.
+
+    Every batch runs the whole forward budget on the whole batch (the solver never calls f more than
+    ``max_iter`` times); the gradient path as fed_deq/deq/backward.py runs it, with ``backward`` the
+    ``backward_max_iter`` the model is called with (a value below 1 is charged as 1, the least the model
+    accepts). Per sample and epoch:
+
+    - one-step: 1 recomputed f, no state VJP.
+    - phantom (k = backward): k recomputed f, k - 1 state VJPs.
+    - implicit (k = backward): 1 recomputed f, at most k - 1 adjoint VJPs + 1 in the final backward;
+      the adjoint solver makes at most k - 2 steps (charged as solver steps like the forward's forward - 1).
+
+    ``local_steps(samples, batch_size, epochs)`` model forwards, so as many weight normalisations.
+    """
+    if backward_mode not in ("one-step", "phantom", "implicit"):
+        raise ValueError(f"unknown backward mode {backward_mode!r}; valid: one-step, implicit, phantom")
+    if isinstance(forward, bool) or int(forward) != forward or forward < 1:
+        raise ValueError(f"forward must be an integer >= 1, got {forward!r}")
+    steps = local_steps(samples, batch_size, epochs)
+    passes = float(samples) * float(epochs)
+    k = max(int(backward), 1)
+    if backward_mode == "one-step":
+        grad, vjp, adjoint = 1, 0, 0
+    elif backward_mode == "phantom":
+        grad, vjp, adjoint = k, k - 1, 0
+    else:
+        grad, vjp, adjoint = 1, k, k - 1
+    solver_steps = (int(forward) - 1) + max(adjoint - 1, 0)
+    return WorkCounts(solve_evals=passes * forward, grad_evals=passes * grad, vjp_evals=passes * vjp,
+                      samples=passes, norm_calls=float(steps), solver_steps=passes * solver_steps)
 
 
 def split_budget(total: int, backward: str, backward_iterations: int) -> Budget:
@@ -155,9 +242,13 @@ def split_budget(total: int, backward: str, backward_iterations: int) -> Budget:
 
 def plan_budget(device: Device, *, deadline_s: float, comm_s: float, samples: int, epochs: int,
                 cell_flops: float, overhead_flops: float, backward: str, backward_iterations: int,
-                min_iterations: int, max_iterations: int) -> Budget:
+                min_iterations: int, max_iterations: int, batch_size: int, norm_flops: float,
+                solver_flops: float = 0.0) -> Budget:
     """The largest per-solve budget whose local training fits in the deadline after communication.
 
+    A budget fits when the most work it allows, ``work_flops(max_work(...))`` (every batch spends its whole
+    forward budget on the whole batch, plus the gradient path, the weight normalisation and the solver's own
+    work), runs within the time left at the device's nominal speed.
     Bounded by [min_iterations, max_iterations]. When not even min_iterations fits, the min budget is
     returned anyway: the device then overruns the deadline and becomes a straggler, which is the point.
     """
@@ -167,10 +258,13 @@ def plan_budget(device: Device, *, deadline_s: float, comm_s: float, samples: in
 
     def fits(total: int) -> bool:
         budget = split_budget(total, backward, backward_iterations)
-        flops = training_flops(samples, epochs, overhead_flops, cell_flops, budget.forward, budget.backward)
+        counts = max_work(samples=samples, batch_size=batch_size, epochs=epochs, forward=budget.forward,
+                          backward=budget.backward, backward_mode=backward)
+        flops = work_flops(counts, cell_flops=cell_flops, overhead_flops=overhead_flops, norm_flops=norm_flops,
+                           solver_flops=solver_flops)
         return compute_seconds(device, flops) <= time_left
 
-    # Cost grows strictly with the total in every backward mode, so bisect for the largest total that fits.
+    # Cost never decreases with the total in any backward mode, so bisect for the largest total that fits.
     low, high = min_iterations, max_iterations
     if not fits(low):
         return split_budget(low, backward, backward_iterations)

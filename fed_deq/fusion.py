@@ -16,7 +16,7 @@ from fed_deq.errors import InputError
 
 Arrays = Mapping[str, np.ndarray]
 
-SCORE_KINDS = ("budget", "residual", "accuracy", "product")
+SCORE_KINDS = ("budget", "residual", "accuracy", "product", "probe")
 
 # Fewer finite norms than this and a median says little about what is "normal" for the round.
 _MIN_REPLIES_FOR_MEDIAN = 3
@@ -33,14 +33,16 @@ def quality_scores(
     budget_share=None,
     rel_residual=None,
     val_accuracy=None,
+    probe_loss=None,
     beta: float = 1.0,
 ) -> np.ndarray:
-    """Per-client quality in [0, 1] for one round.
+    """Per-client quality in [0, 1] for one round, from numbers the server measured or derived itself.
 
-    ``kind`` picks the score: ``"budget"`` → ``budget_share`` (iterations the client could afford over the
+    ``kind`` picks the score: ``"budget"`` → ``budget_share`` (iterations the server assigned over the
     scenario's maximum); ``"residual"`` → ``exp(-beta * rel_residual)`` (a non-finite residual scores 0);
-    ``"accuracy"`` → ``val_accuracy``; ``"product"`` → the product of the three. Only the inputs the kind
-    needs are required.
+    ``"accuracy"`` → ``val_accuracy``; ``"product"`` → the product of those three; ``"probe"`` →
+    ``exp(-beta * probe_loss)``, the server's cross-entropy of the client model on its probe set (a
+    non-finite loss scores 0). Only the inputs the kind needs are required.
     """
     if kind not in SCORE_KINDS:
         raise InputError(f"fusion.score: unknown score kind {kind!r}; valid: {', '.join(SCORE_KINDS)}")
@@ -48,9 +50,11 @@ def quality_scores(
     if kind in ("budget", "product"):
         parts.append(_unit_interval("budget_share", budget_share))
     if kind in ("residual", "product"):
-        parts.append(_residual_score(rel_residual, beta))
+        parts.append(_exp_score("rel_residual", rel_residual, beta))
     if kind in ("accuracy", "product"):
         parts.append(_unit_interval("val_accuracy", val_accuracy))
+    if kind == "probe":
+        parts.append(_exp_score("probe_loss", probe_loss, beta))
     lengths = {len(p) for p in parts}
     if len(lengths) != 1:
         raise InputError(f"quality_scores: inputs have different lengths {sorted(lengths)}")
@@ -73,15 +77,15 @@ def _unit_interval(name: str, values) -> np.ndarray:
     return vector
 
 
-def _residual_score(rel_residual, beta: float) -> np.ndarray:
+def _exp_score(name: str, values, beta: float) -> np.ndarray:
+    """``exp(-beta * v)`` for v >= 0; a non-finite v (a diverged solve, a blown-up loss) scores 0."""
     if not (math.isfinite(beta) and beta >= 0):
         raise InputError(f"fusion.beta: must be finite and >= 0, got {beta}")
-    residual = _as_vector("rel_residual", rel_residual)
-    finite = np.isfinite(residual)
-    if np.any(residual[finite] < 0):
-        raise InputError(f"rel_residual: values must be >= 0, got {residual.tolist()}")
-    # A solve that diverged (inf/NaN residual) says the client's model is unusable: score 0, not an error.
-    return np.where(finite, np.exp(-beta * np.where(finite, residual, 0.0)), 0.0)
+    vector = _as_vector(name, values)
+    finite = np.isfinite(vector)
+    if np.any(vector[finite] < 0):
+        raise InputError(f"{name}: values must be >= 0, got {vector.tolist()}")
+    return np.where(finite, np.exp(-beta * np.where(finite, vector, 0.0)), 0.0)
 
 
 def quality_weights(
@@ -147,23 +151,63 @@ def weighted_average(arrays_list: Sequence[Arrays], weights) -> dict[str, np.nda
     }
 
 
+def fednova_normaliser(local_steps, *, optimizer: str, momentum: float, learning_rate: float,
+                       proximal_mu: float = 0.0) -> np.ndarray:
+    """FedNova's ``‖a_i‖₁`` per client: how many "gradient units" its cumulative local update holds.
+
+    Local SGD with momentum ρ (``u_k = ρ u_{k−1} + g_k``) makes gradient j count
+    ``(1 − ρ^{τ−j}) / (1 − ρ)`` times, so ``‖a‖₁ = [τ − ρ(1 − ρ^τ)/(1 − ρ)] / (1 − ρ)`` (Wang et al. 2020,
+    §5); ρ = 0 gives τ. A proximal term μ adds the per-step contraction ``1 − ημ``; the step recurrence is
+    the one of the FedNova authors' reference optimizer (JYWa/FedNova, also in Flower's baseline):
+    ``c ← ρc + 1; a ← a + c`` (momentum), then ``a ← (1 − ημ) a + 1`` (proximal), else ``a ← a + 1``.
+    Adam's update is not a linear combination of gradients, so for ``optimizer="adam"`` the plain step
+    count τ is used (FedNova's "vanilla" normaliser); gradient clipping rescales gradients, not their
+    coefficients, so it leaves ``a`` unchanged.
+    """
+    steps = np.asarray(local_steps, dtype=np.float64)
+    if steps.ndim != 1 or not np.all(np.isfinite(steps)) or np.any(steps < 1) or np.any(steps != np.round(steps)):
+        raise InputError(f"fednova: local steps must be integers >= 1, got {steps.tolist()}")
+    if optimizer == "adam":
+        return steps.copy()
+    if not 0 <= momentum < 1:
+        raise InputError(f"training.momentum: must be in [0, 1) for fednova, got {momentum}")
+    etamu = learning_rate * proximal_mu
+    if not 0 <= etamu < 1:
+        raise InputError(f"fednova: learning_rate x proximal_mu must be in [0, 1), got {etamu}")
+    return np.array([_normaliser_by_steps(int(tau), momentum, etamu) for tau in steps])
+
+
+def _normaliser_by_steps(tau: int, rho: float, etamu: float) -> float:
+    counter = vec = 0.0
+    for _ in range(tau):
+        if rho != 0:
+            counter = counter * rho + 1.0
+            vec += counter
+        if etamu != 0:
+            vec = vec * (1.0 - etamu) + 1.0
+        if rho == 0 and etamu == 0:
+            vec += 1.0
+    return vec
+
+
 def fednova_aggregate(
     global_arrays: Arrays,
     client_arrays: Sequence[Arrays],
     num_examples,
-    local_steps,
-) -> dict[str, np.ndarray]:
-    """FedNova (Wang et al. 2020, plain local SGD) normalised averaging.
+    normalisers,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """FedNova (Wang et al. 2020) normalised averaging; returns the new arrays and the effective weights.
 
-    ``p_i = n_i / Σ n``, ``Δ_i = global − client_i``, and
-    ``x⁺ = x − (Σ_j p_j τ_j) · Σ_i p_i Δ_i / τ_i`` where ``τ_i`` is client i's number of local steps.
-    With equal ``τ`` this is FedAvg weighted by ``n``.
+    ``p_i = n_i / Σ n``, ``Δ_i = global − client_i``, ``a_i`` = :func:`fednova_normaliser` (τ_i for plain
+    SGD), and ``x⁺ = x − (Σ_j p_j a_j) · Σ_i p_i Δ_i / a_i``. That is ``x⁺ = Σ_i w_i x_i + (1 − Σ w_i) x``
+    with effective weights ``w_i = (Σ_j p_j a_j) p_i / a_i`` (they sum to 1 when every a_i is equal, and
+    the result is then FedAvg weighted by n).
     """
     if len(client_arrays) == 0:
         raise InputError("fednova_aggregate: no client arrays")
     counts = np.asarray(num_examples, dtype=np.float64)
-    steps = np.asarray(local_steps, dtype=np.float64)
-    for name, values in (("num_examples", counts), ("local_steps", steps)):
+    norms = np.asarray(normalisers, dtype=np.float64)
+    for name, values in (("num_examples", counts), ("normalisers", norms)):
         if values.shape != (len(client_arrays),):
             raise InputError(f"fednova_aggregate: expected {len(client_arrays)} {name}, got shape {values.shape}")
         if not np.all(np.isfinite(values)) or np.any(values <= 0):
@@ -171,15 +215,15 @@ def fednova_aggregate(
     for arrays in client_arrays:
         _require_same_layout(arrays, global_arrays, "fednova_aggregate")
     p = counts / counts.sum()
-    tau_eff = float(np.dot(p, steps))
+    tau_eff = float(np.dot(p, norms))
     result = {}
     for key, ref in global_arrays.items():
         x = np.asarray(ref, dtype=np.float64)
         normalised = sum(
-            pi * (x - np.asarray(c[key], dtype=np.float64)) / ti for pi, ti, c in zip(p, steps, client_arrays)
+            pi * (x - np.asarray(c[key], dtype=np.float64)) / ai for pi, ai, c in zip(p, norms, client_arrays)
         )
         result[key] = _cast_like(x - tau_eff * normalised, ref)
-    return result
+    return result, tau_eff * p / norms
 
 
 def _cast_like(values: np.ndarray, like: np.ndarray) -> np.ndarray:

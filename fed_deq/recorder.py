@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fed_deq import results
+from fed_deq import adversary, results
 from fed_deq.rounds import RoundReport
 from fed_deq.scenario import Scenario, dump_scenario
 from fed_deq.workload import Arrays, build_scenario_model, evaluate_global, scenario_data, tier_eval_budgets
@@ -82,8 +82,8 @@ class RunRecorder:
             self._progress.update(self._task, advance=1, status=status)
         return record
 
-    def finish(self) -> dict:
-        """Write summary.json and accuracy.png; return the summary."""
+    def finish(self, extra: dict | None = None) -> dict:
+        """Write summary.json (with ``extra`` keys from the runner) and accuracy.png; return the summary."""
         summary = results.summarise(self.metrics, scenario_name=self.scenario_name,
                                     fusion_rule=self.scenario.fusion.rule,
                                     wall_time_s=time.perf_counter() - self._started)
@@ -91,6 +91,9 @@ class RunRecorder:
             summary["initial_accuracy"] = self.initial["accuracy"]
         summary["faults"] = {key: sum(m[key] for m in self.metrics)
                              for key in ("clients_dropped", "clients_rejected", "clients_failed")}
+        summary["faults"]["rounds_not_fused"] = sum(1 for m in self.metrics if m.get("fusion_error"))
+        summary["adversaries"] = {str(pid): attack for pid, attack in adversary.assign(self.scenario).items()}
+        summary.update(extra or {})
         results.write_summary(self.out_dir, summary)
         if self.metrics:
             results.plot_accuracy(self.metrics, self.out_dir / "accuracy.png")

@@ -1,36 +1,98 @@
-"""One federated round on the server side, without Flower: screen replies, pick fusion weights, keep the clock.
+"""The server's side of a federated round, without Flower: one driver every runner calls.
 
-The Flower strategies in ``server/`` convert Messages into :class:`Reply` objects, call these functions,
-and convert the result back.
+    plan (who is sampled, what budget each gets) → instructions → replies → screened report → weights
+    → fused model → clock
+
+:class:`RoundDriver` holds what the server knows from the scenario (each partition's size, tier, assigned
+budget, local step count and the most solver work that budget allows) and never takes a client's word for
+any of it. A reply is accepted only if it is well formed, its claims agree with those facts (tolerances
+below), the server's own re-evaluation of its model on the client's validation split agrees with what it
+reports, the server's clock puts it inside the deadline, and its update norm is not an outlier. Fusion
+weights come from server-known sizes and server-measured scores only. Anything that raises while one reply
+is screened rejects that reply; if fusing fails, the round keeps the previous global model. No client
+input can end a run.
+
+:func:`run_rounds` is the run loop: it owns the global model and passes each round's report to the
+recorder. The Flower ServerApp (server/federation.py) and the bare loop (benchmarks/bare_loop.py) differ
+only in the ``exchange`` function that carries instructions to clients and replies back.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from fed_deq import fleet, fusion
+from fed_deq import adversary, fleet, fusion, workload
+from fed_deq.audit import Auditor
+from fed_deq.scenario import Scenario
 
 Arrays = dict[str, np.ndarray]
 
 #: Metrics every training reply must carry; anything missing is rejected before it reaches the fusion.
 REQUIRED_METRICS = (
-    "num-examples", "local-steps", "forward-iterations", "backward-iterations", "budget-share",
-    "rel-residual", "val-accuracy", "sim-time-s", "server-round", "partition-id",
+    "num-examples", "local-steps", "forward-iterations", "backward-iterations", "budget-total", "budget-share",
+    "rel-residual", "val-accuracy", "val-rel-residual", "sim-time-s", "server-round", "partition-id",
+    "work-solve-evals", "work-grad-evals", "work-vjp-evals", "work-samples", "work-norm-calls", "work-solver-steps",
 )
+#: Relative tolerance on the simulated time a client claims against the server's clock (same formula).
+TIME_TOLERANCE = 1e-3
+#: The server re-evaluates a client's model with the client's own call; on the same machine the numbers agree
+#: to the bit, but another CPU or BLAS may round differently, flip a near-tie of one prediction or stop one
+#: sample's solve an iteration apart. So: one correct sample of slack, and a relative tolerance on the residual.
+ACCURACY_SLACK_SAMPLES = 1
+RESIDUAL_TOLERANCE = 1e-3
+#: Work counts may exceed the budget's bound by this much before a reply is rejected (float sums).
+WORK_SLACK = 1e-6
+
+#: A robust aggregation rule provided by an adapter (Flower's FedMedian, FedTrimmedAvg, Krum):
+#: (server round, reference arrays, client arrays, server-known sizes) -> fused arrays.
+Fuser = Callable[[int, Arrays, list[Arrays], np.ndarray], Arrays]
 
 
 @dataclass(frozen=True)
 class Reply:
-    """A client's answer to a training message, as plain data."""
+    """A client's answer to a training instruction, as plain data.
+
+    ``problem`` is set by an adapter that could not even read the reply (the reason it gives).
+    """
 
     node_id: int
     partition_id: int | None
     arrays: Arrays | None = None
     metrics: dict[str, float] | None = None
     error: str | None = None
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class ClientFacts:
+    """What the server derives about one partition from the scenario alone."""
+
+    partition_id: int
+    tier: str
+    num_examples: int          # training samples (partition minus its validation split)
+    num_val: int
+    local_steps: int
+    budget: fleet.Budget
+    budget_share: float
+    max_work: fleet.WorkCounts
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One client's training order: its partition and the per-solve budget the server assigned."""
+
+    partition_id: int
+    budget: fleet.Budget
+    proximal_mu: float
+
+    def config(self) -> dict[str, int | float]:
+        """The fields the train message carries besides the model (wire names)."""
+        return {"budget-forward": self.budget.forward, "budget-backward": self.budget.backward,
+                "proximal-mu": self.proximal_mu}
 
 
 @dataclass
@@ -40,17 +102,25 @@ class RoundReport:
     server_round: int
     sampled: list[int] = field(default_factory=list)
     unavailable: int = 0
-    dropped: dict[int, str] = field(default_factory=dict)      # straggler or dropped out
-    rejected: dict[int, str] = field(default_factory=dict)     # invalid reply
+    dropped: dict[int, str] = field(default_factory=dict)      # straggler, dropped out, never replied
+    rejected: dict[int, str] = field(default_factory=dict)     # invalid or untruthful reply
     failed: dict[int, str] = field(default_factory=dict)       # client raised
     accepted: list[int] = field(default_factory=list)
     round_sim_time_s: float = 0.0
+    client_sim_time_s: dict[int, float] = field(default_factory=dict)   # the server's clock, per reply
     fusion_weights: dict[int, float] = field(default_factory=dict)
+    previous_model_weight: float = 0.0     # weight left on the last global model (FedNova), else 0
+    scores: dict[int, float] = field(default_factory=dict)
+    fusion_error: str | None = None
+    probe: dict[str, float] | None = None
     mean_iterations: float | None = None
     mean_rel_residual: float | None = None
 
     def to_record(self) -> dict:
         """The report's part of a ``metrics.jsonl`` line."""
+        def by_pid(values: dict) -> dict:
+            return {str(k): v for k, v in sorted(values.items())}
+
         return {
             "clients_sampled": len(self.sampled),
             "clients_completed": len(self.accepted),
@@ -61,82 +131,380 @@ class RoundReport:
             "round_sim_time_s": self.round_sim_time_s,
             "mean_iterations": self.mean_iterations,
             "mean_rel_residual": self.mean_rel_residual,
-            "fusion_weights": {str(k): v for k, v in sorted(self.fusion_weights.items())},
-            "dropped": {str(k): v for k, v in sorted(self.dropped.items())},
-            "rejected": {str(k): v for k, v in sorted(self.rejected.items())},
-            "failed": {str(k): v for k, v in sorted(self.failed.items())},
+            "fusion_weights": by_pid(self.fusion_weights),
+            "previous_model_weight": self.previous_model_weight,
+            "quality_scores": by_pid(self.scores),
+            "client_sim_time_s": by_pid(self.client_sim_time_s),
+            "fusion_error": self.fusion_error,
+            "probe": self.probe,
+            "dropped": by_pid(self.dropped),
+            "rejected": by_pid(self.rejected),
+            "failed": by_pid(self.failed),
         }
 
 
-def _label(reply: Reply) -> int:
-    """Partition id when known, else the node id (a reply that failed before saying who it is)."""
-    return reply.partition_id if reply.partition_id is not None else reply.node_id
+@dataclass
+class OpenRound:
+    """A round between its instructions and its replies."""
+
+    server_round: int
+    reference: Arrays
+    report: RoundReport
+    instructions: dict[int, Instruction]     # by partition id
+
+    @property
+    def bytes_down(self) -> int:
+        """Bytes of the model each instructed client downloads."""
+        return workload.arrays_nbytes(self.reference)
 
 
-def screen_replies(
-    replies: list[Reply],
-    report: RoundReport,
-    *,
-    reference: Arrays,
-    deadline_s: float,
-    max_norm_ratio: float,
-) -> list[Reply]:
-    """Sort replies into failed / rejected / dropped / accepted (recorded in ``report``); return the accepted.
+@dataclass
+class _Checked:
+    """A reply that passed the per-reply checks, with what the server measured about it."""
 
-    Order matters: an error reply is a failure; a malformed or stale one is rejected; a well-formed one that
-    arrived after the deadline (simulated) is a straggler and dropped; among the rest, an update whose norm is
-    far above the round's median is rejected.
-    """
-    candidates: list[Reply] = []
-    for reply in replies:
-        label = _label(reply)
-        if reply.error is not None:
-            report.failed[label] = reply.error
-            continue
-        reason = fusion.screen_update(reply.arrays or {}, reference, reply.metrics or {}, REQUIRED_METRICS)
-        if reason is None and int(reply.metrics["server-round"]) != report.server_round:
-            reason = f"late reply from round {int(reply.metrics['server-round'])}"
+    reply: Reply
+    facts: ClientFacts
+    sim_time_s: float
+    val_accuracy: float
+    val_residual: float
+
+
+class Rejected(Exception):
+    """A reply fails a check; the message is the reason recorded in metrics.jsonl."""
+
+
+class Dropped(Exception):
+    """A reply arrived after the deadline (by the server's clock)."""
+
+
+class RoundDriver:
+    """The server's round logic for one scenario; see the module docstring."""
+
+    def __init__(self, scenario: Scenario, *, robust_fuser: Fuser | None = None) -> None:
+        self.scenario = scenario
+        self.devices = fleet.build_fleet(scenario)
+        self.auditor = Auditor(scenario)
+        self.adversaries = adversary.assign(scenario)
+        self.facts = {d.partition_id: self._derive_facts(d) for d in self.devices}
+        if scenario.fusion.rule in ("fedmedian", "fedtrimmedavg", "krum") and robust_fuser is None:
+            raise ValueError(f"fusion rule {scenario.fusion.rule!r} needs a robust_fuser from an adapter")
+        self.robust_fuser = robust_fuser
+
+    # --- facts and plan ---------------------------------------------------------------------------------
+
+    def _derive_facts(self, device: fleet.Device) -> ClientFacts:
+        t, m = self.scenario.training, self.scenario.model
+        local = self.auditor.local(device.partition_id)
+        n = len(local.y_train)
+        budget = workload.plan_client_budget(self.scenario, device, self.auditor.model, n)
+        return ClientFacts(
+            partition_id=device.partition_id, tier=device.tier, num_examples=n, num_val=len(local.y_val),
+            local_steps=fleet.local_steps(n, t.batch_size, t.local_epochs), budget=budget,
+            budget_share=budget.total / t.max_iterations,
+            max_work=fleet.max_work(samples=n, batch_size=t.batch_size, epochs=t.local_epochs,
+                                    forward=budget.forward, backward=budget.backward, backward_mode=m.backward),
+        )
+
+    def initial_arrays(self) -> Arrays:
+        """The scenario's starting global model (seeded)."""
+        return workload.model_arrays(workload.build_scenario_model(self.scenario, self.auditor.bundle))
+
+    def open_round(self, server_round: int, global_arrays: Arrays) -> OpenRound:
+        """Sample the round's clients with the scenario's generators and write each one's instruction.
+
+        Clients the simulation drops out, and silent adversaries, get no instruction: they are recorded as
+        dropped and keep the round waiting until its deadline.
+        """
+        plan = fleet.plan_round(self.devices, seed=self.scenario.seed, round=server_round,
+                                clients_per_round=self.scenario.training.clients_per_round)
+        report = RoundReport(server_round=server_round, sampled=list(plan.sampled),
+                             unavailable=len(self.devices) - len(plan.available))
+        f = self.scenario.fusion
+        mu = f.proximal_mu if f.rule == "fedprox" else 0.0
+        instructions = {}
+        for pid in plan.sampled:
+            if pid in plan.dropped_out:
+                report.dropped[pid] = "dropped out mid-round"
+            elif self.adversaries.get(pid) == "silent":
+                report.dropped[pid] = "no reply by the deadline"
+            else:
+                instructions[pid] = Instruction(partition_id=pid, budget=self.facts[pid].budget, proximal_mu=mu)
+        return OpenRound(server_round=server_round, reference=dict(global_arrays), report=report,
+                         instructions=instructions)
+
+    # --- closing a round ----------------------------------------------------------------------------------
+
+    def close_round(self, open_round: OpenRound, replies: Sequence[Reply],
+                    offline: Sequence[int] = ()) -> tuple[Arrays, RoundReport]:
+        """Screen the replies, fuse the accepted ones and run the clock; returns the new global model."""
+        report = open_round.report
+        for pid in offline:
+            report.dropped[pid] = "node offline"
+        candidates = self._check_each(open_round, replies)
+        heard = {r.partition_id for r in replies} | set(offline)
+        for pid in sorted(set(open_round.instructions) - heard):
+            report.dropped[pid] = "no reply before the round timeout"
+        accepted = self._screen_norms(open_round, candidates)
+        probe_losses: dict[int, float] = {}
+        if self._uses_probe():
+            accepted, probe_losses = self._probe(open_round, accepted)
+        report.accepted = sorted(c.facts.partition_id for c in accepted)
+        self._close_clock(report, accepted)
+        arrays = open_round.reference
+        if accepted:
+            try:
+                arrays = self._fuse(open_round, accepted, probe_losses)
+            except Exception as exc:  # noqa: BLE001 - a round that cannot be fused keeps the last model
+                report.fusion_weights, report.previous_model_weight = {}, 1.0
+                report.fusion_error = f"{type(exc).__name__}: {exc}"
+                arrays = open_round.reference
+        return arrays, report
+
+    def _check_each(self, open_round: OpenRound, replies: Sequence[Reply]) -> list[_Checked]:
+        report, seen, checked = open_round.report, set(), []
+        for reply in replies:
+            label = reply.partition_id if reply.partition_id is not None else reply.node_id
+            if reply.error is not None:
+                report.failed[label] = f"client raised: {reply.error}"
+                continue
+            try:
+                if label in seen:
+                    raise Rejected("a second reply for this partition")
+                seen.add(label)
+                checked.append(self._check(open_round, reply))
+            except Rejected as exc:
+                report.rejected[label] = str(exc)
+            except Dropped as exc:
+                report.dropped[label] = str(exc)
+            except Exception as exc:  # noqa: BLE001 - whatever a reply does, it only loses its own place
+                report.rejected[label] = f"screening failed: {type(exc).__name__}: {exc}"
+        return checked
+
+    def _check(self, open_round: OpenRound, reply: Reply) -> _Checked:
+        """Every per-reply check, cheapest first; raises Rejected or Dropped with the reason."""
+        if reply.problem is not None:
+            raise Rejected(reply.problem)
+        pid = reply.partition_id
+        if pid is None:
+            raise Rejected(f"reply from node {reply.node_id}, which serves no known partition")
+        if pid not in open_round.instructions:
+            raise Rejected("reply from a client not asked to train this round")
+        reason = fusion.screen_update(reply.arrays or {}, open_round.reference, reply.metrics or {},
+                                      REQUIRED_METRICS)
         if reason is not None:
-            report.rejected[label] = reason
-        elif reply.metrics["sim-time-s"] > deadline_s:
-            report.dropped[label] = f"straggler: {reply.metrics['sim-time-s']:.2f}s > deadline {deadline_s:g}s"
+            raise Rejected(reason)
+        metrics, facts = reply.metrics, self.facts[pid]
+        _check_identity(metrics, open_round.server_round, pid)
+        _check_ranges(metrics, facts)
+        _check_claims(metrics, facts)
+        sim_time = self._server_time(open_round, reply, facts)
+        claimed = float(metrics["sim-time-s"])
+        if abs(claimed - sim_time) > TIME_TOLERANCE * max(sim_time, 1e-9):
+            raise Rejected(f"sim-time-s claims {claimed:.4g}s, the server's clock says {sim_time:.4g}s")
+        deadline = self.scenario.training.deadline_s
+        if sim_time > deadline:
+            open_round.report.client_sim_time_s[pid] = sim_time
+            raise Dropped(f"straggler: {sim_time:.2f}s > deadline {deadline:g}s (server's clock)")
+        val = self.auditor.validation(reply.arrays, pid, facts.budget)
+        _check_validation(metrics, val, facts)
+        open_round.report.client_sim_time_s[pid] = sim_time
+        return _Checked(reply=reply, facts=facts, sim_time_s=sim_time,
+                        val_accuracy=float(val.accuracy) if val.num_examples else 0.0,
+                        val_residual=float(val.rel_residual))
+
+    def _server_time(self, open_round: OpenRound, reply: Reply, facts: ClientFacts) -> float:
+        """The server's clock for a reply: the work it reports (bounded by the budget, checked before) on its
+        device, with the scenario's straggler draw, plus the bytes really sent and received."""
+        m = reply.metrics
+        work = fleet.WorkCounts(solve_evals=m["work-solve-evals"], grad_evals=m["work-grad-evals"],
+                                vjp_evals=m["work-vjp-evals"], samples=m["work-samples"],
+                                norm_calls=m["work-norm-calls"], solver_steps=m["work-solver-steps"])
+        compute_s, comm_s = workload.round_clock(
+            self.scenario, self.devices[facts.partition_id], self.auditor.model, work,
+            server_round=open_round.server_round, bytes_down=open_round.bytes_down,
+            bytes_up=workload.arrays_nbytes(reply.arrays))
+        return compute_s + comm_s
+
+    def _screen_norms(self, open_round: OpenRound, checked: list[_Checked]) -> list[_Checked]:
+        """Reject updates whose norm is far above the round's median (fusion.max_norm_ratio)."""
+        ratio = self.scenario.fusion.max_norm_ratio
+        norms = np.array([fusion.update_norm(c.reply.arrays, open_round.reference) for c in checked])
+        outliers = fusion.norm_outliers(norms, ratio) if checked else np.zeros(0, bool)
+        kept = []
+        for item, norm, outlier in zip(checked, norms, outliers):
+            if outlier:
+                open_round.report.rejected[item.facts.partition_id] = (
+                    f"update norm {norm:.3g} > {ratio:g}x round median")
+                open_round.report.client_sim_time_s.pop(item.facts.partition_id, None)
+            else:
+                kept.append(item)
+        return sorted(kept, key=lambda c: c.facts.partition_id)
+
+    def _uses_probe(self) -> bool:
+        f = self.scenario.fusion
+        return f.rule == "quality" and f.score == "probe"
+
+    def _probe(self, open_round: OpenRound, accepted: list[_Checked]) -> tuple[list[_Checked], dict[int, float]]:
+        """Score each accepted model on the probe set; record the cost (wall seconds, FLOPs) in the report."""
+        kept, losses, wall, flops, residuals, accuracies = [], {}, 0.0, 0.0, [], []
+        for item in accepted:
+            pid = item.facts.partition_id
+            try:
+                result = self.auditor.probe(item.reply.arrays)
+            except Exception as exc:  # noqa: BLE001 - a model the server cannot evaluate is not fused
+                open_round.report.rejected[pid] = f"probe evaluation failed: {type(exc).__name__}: {exc}"
+                continue
+            wall, flops = wall + result.wall_s, flops + result.flops
+            losses[pid] = result.loss
+            residuals.append(result.rel_residual)
+            accuracies.append(result.accuracy)
+            kept.append(item)
+        open_round.report.probe = {
+            "clients": len(losses), "samples": self.auditor.probe_size(), "wall_s": wall, "flops": flops,
+            "mean_loss": float(np.mean(list(losses.values()))) if losses else None,
+            "mean_accuracy": float(np.mean(accuracies)) if accuracies else None,
+            "mean_rel_residual": float(np.mean(residuals)) if residuals else None,
+        }
+        return kept, losses
+
+    def _close_clock(self, report: RoundReport, accepted: list[_Checked]) -> None:
+        """The round lasts as long as its slowest accepted client, or the deadline if anyone is missing."""
+        deadline = self.scenario.training.deadline_s
+        times = [c.sim_time_s for c in accepted] + [math.inf] * len(report.dropped)
+        _, report.round_sim_time_s = fleet.round_time(times, deadline)
+        if accepted:
+            report.mean_iterations = float(np.mean(
+                [c.reply.metrics["forward-iterations"] + c.reply.metrics["backward-iterations"] for c in accepted]))
+            report.mean_rel_residual = float(np.mean([c.reply.metrics["rel-residual"] for c in accepted]))
+
+    # --- fusion --------------------------------------------------------------------------------------------
+
+    def _fuse(self, open_round: OpenRound, accepted: list[_Checked], probe_losses: dict[int, float]) -> Arrays:
+        """The fusion rule of the scenario on the accepted replies; weights from server-known facts only."""
+        f, t, report = self.scenario.fusion, self.scenario.training, open_round.report
+        pids = [c.facts.partition_id for c in accepted]
+        arrays = [c.reply.arrays for c in accepted]
+        sizes = np.array([c.facts.num_examples for c in accepted], dtype=np.float64)
+        if f.rule == "quality":
+            scores = self.quality_scores(accepted, probe_losses)
+            report.scores = dict(zip(pids, map(float, scores)))
+            weights = fusion.quality_weights(sizes, scores, size_exponent=f.size_exponent,
+                                             quality_exponent=f.quality_exponent, floor=f.floor)
+            fused = fusion.weighted_average(arrays, weights)
+        elif f.rule in ("fedavg", "fedprox"):
+            weights = sizes / sizes.sum()
+            fused = fusion.weighted_average(arrays, weights)
+        elif f.rule == "fednova":
+            normalisers = fusion.fednova_normaliser([c.facts.local_steps for c in accepted], optimizer=t.optimizer,
+                                                    momentum=t.momentum, learning_rate=t.learning_rate)
+            fused, weights = fusion.fednova_aggregate(open_round.reference, arrays, sizes, normalisers)
+            report.previous_model_weight = float(1.0 - weights.sum())
         else:
-            candidates.append(reply)
-    norms = np.array([fusion.update_norm(r.arrays, reference) for r in candidates])
-    outliers = fusion.norm_outliers(norms, max_norm_ratio) if len(candidates) else np.zeros(0, bool)
-    accepted = []
-    for reply, norm, outlier in zip(candidates, norms, outliers):
-        if outlier:
-            report.rejected[_label(reply)] = f"update norm {norm:.3g} > {max_norm_ratio:g}x round median"
-        else:
-            accepted.append(reply)
-    report.accepted = sorted(_label(r) for r in accepted)
-    return sorted(accepted, key=_label)
+            fused = self.robust_fuser(open_round.server_round, open_round.reference, arrays, sizes)
+            weights = None  # robust rules pick coordinates, not clients: no per-client weight to report
+        _check_fused(fused, open_round.reference)
+        if weights is not None:
+            report.fusion_weights = dict(zip(pids, map(float, weights)))
+        return fused
+
+    def quality_scores(self, accepted: list[_Checked], probe_losses: dict[int, float]) -> np.ndarray:
+        """Quality in [0, 1] per accepted reply, from numbers the server derived or measured itself."""
+        f = self.scenario.fusion
+        probe = probe_losses
+        return fusion.quality_scores(
+            f.score,
+            budget_share=[c.facts.budget_share for c in accepted],
+            rel_residual=[c.val_residual for c in accepted],
+            val_accuracy=[c.val_accuracy for c in accepted],
+            probe_loss=[probe.get(c.facts.partition_id, math.inf) for c in accepted] if f.score == "probe" else None,
+            beta=f.beta,
+        )
 
 
-def close_round(report: RoundReport, accepted: list[Reply], deadline_s: float) -> None:
-    """Fill the simulated round time and the solver statistics of the accepted replies."""
-    # A client that dropped out or straggled keeps the server waiting until the deadline.
-    times = [r.metrics["sim-time-s"] for r in accepted] + [math.inf] * len(report.dropped)
-    _, report.round_sim_time_s = fleet.round_time(times, deadline_s)
-    if accepted:
-        iters = [r.metrics["forward-iterations"] + r.metrics["backward-iterations"] for r in accepted]
-        report.mean_iterations = float(np.mean(iters))
-        residuals = [r.metrics["rel-residual"] for r in accepted if math.isfinite(r.metrics["rel-residual"])]
-        report.mean_rel_residual = float(np.mean(residuals)) if residuals else None
+# --- per-reply checks (each raises Rejected with a reason that names the symptom) ---------------------------
 
 
-def quality_fusion_weights(accepted: list[Reply], *, score: str, size_exponent: float,
-                           quality_exponent: float, beta: float, floor: float) -> np.ndarray:
-    """Quality-weighted fusion weights w_k ∝ n_k^a · max(q_k, ε)^b for the accepted replies."""
-    metrics = [r.metrics for r in accepted]
-    scores = fusion.quality_scores(
-        score,
-        budget_share=np.array([m["budget-share"] for m in metrics]),
-        rel_residual=np.array([m["rel-residual"] for m in metrics]),
-        val_accuracy=np.array([m["val-accuracy"] for m in metrics]),
-        beta=beta,
-    )
-    sizes = np.array([m["num-examples"] for m in metrics])
-    return fusion.quality_weights(sizes, scores, size_exponent=size_exponent,
-                                  quality_exponent=quality_exponent, floor=floor)
+def _check_identity(metrics: dict, server_round: int, pid: int) -> None:
+    if int(metrics["server-round"]) != server_round:
+        raise Rejected(f"late reply from round {int(metrics['server-round'])}")
+    if int(metrics["partition-id"]) != pid:
+        raise Rejected(f"partition-id {int(metrics['partition-id'])} claimed by the node serving partition {pid}")
+
+
+def _check_ranges(metrics: dict, facts: ClientFacts) -> None:
+    b = facts.budget
+    bounds = {
+        "rel-residual": (0.0, math.inf), "val-rel-residual": (0.0, math.inf), "val-accuracy": (0.0, 1.0),
+        "sim-time-s": (0.0, math.inf), "compute-s": (0.0, math.inf), "comm-s": (0.0, math.inf),
+        "train-loss": (0.0, math.inf), "budget-share": (0.0, 1.0),
+        "forward-iterations": (0.0, b.forward + WORK_SLACK), "backward-iterations": (0.0, b.backward + WORK_SLACK),
+        "work-solve-evals": (0.0, math.inf), "work-grad-evals": (0.0, math.inf), "work-vjp-evals": (0.0, math.inf),
+        "work-samples": (0.0, math.inf), "work-norm-calls": (0.0, math.inf), "work-solver-steps": (0.0, math.inf),
+    }
+    for name, (low, high) in bounds.items():
+        if name in metrics and not low <= float(metrics[name]) <= high:
+            raise Rejected(f"{name} {float(metrics[name]):.4g} out of range [{low:g}, {high:g}]")
+
+
+def _check_claims(metrics: dict, facts: ClientFacts) -> None:
+    """Sizes, steps, budget and work against what the server derived."""
+    if float(metrics["num-examples"]) != facts.num_examples:
+        raise Rejected(f"num-examples {float(metrics['num-examples']):.6g} but partition {facts.partition_id} "
+                       f"holds {facts.num_examples} training samples (server-known)")
+    if float(metrics["local-steps"]) != facts.local_steps:
+        raise Rejected(f"local-steps {float(metrics['local-steps']):.6g} but {facts.num_examples} samples make "
+                       f"{facts.local_steps} steps (server-known)")
+    if float(metrics["budget-total"]) != facts.budget.total:
+        raise Rejected(f"budget-total {float(metrics['budget-total']):.6g} but the server assigned "
+                       f"{facts.budget.total} iterations")
+    bound = facts.max_work
+    if float(metrics["work-samples"]) != bound.samples:
+        raise Rejected(f"work-samples {float(metrics['work-samples']):.6g} but {facts.num_examples} samples "
+                       f"give {bound.samples:g} sample passes")
+    for name, limit in (("work-solve-evals", bound.solve_evals), ("work-grad-evals", bound.grad_evals),
+                        ("work-vjp-evals", bound.vjp_evals), ("work-norm-calls", bound.norm_calls),
+                        ("work-solver-steps", bound.solver_steps)):
+        if float(metrics[name]) > limit * (1 + WORK_SLACK) + WORK_SLACK:
+            raise Rejected(f"{name} {float(metrics[name]):.6g} exceeds what the assigned budget allows ({limit:g})")
+
+
+def _check_validation(metrics: dict, val, facts: ClientFacts) -> None:
+    """The accuracy and residual claimed on the validation split against the server's own re-evaluation."""
+    n = facts.num_val
+    measured_acc = float(val.accuracy) if val.num_examples else 0.0
+    claimed_acc = float(metrics["val-accuracy"])
+    if abs(round(claimed_acc * max(n, 1)) - round(measured_acc * max(n, 1))) > ACCURACY_SLACK_SAMPLES:
+        raise Rejected(f"val-accuracy {claimed_acc:.4g} but the server measures {measured_acc:.4g} on the "
+                       f"client's {n} validation samples")
+    measured_res, claimed_res = float(val.rel_residual), float(metrics["val-rel-residual"])
+    if abs(claimed_res - measured_res) > RESIDUAL_TOLERANCE * max(measured_res, 1e-3):
+        raise Rejected(f"val-rel-residual {claimed_res:.4g} but the server measures {measured_res:.4g} on the "
+                       f"client's validation samples")
+
+
+def _check_fused(fused: Arrays, reference: Arrays) -> None:
+    """A fused model must have the reference's layout and finite values, or the round keeps the old model."""
+    reason = fusion.screen_update(fused, reference, {}, ())
+    if reason is not None:
+        raise ValueError(f"fused model unusable: {reason}")
+
+
+# --- the run loop --------------------------------------------------------------------------------------------
+
+#: Carries a round's instructions to the clients; returns their replies and the partitions found offline.
+Exchange = Callable[[OpenRound], tuple[list[Reply], list[int]]]
+
+
+def run_rounds(driver: RoundDriver, recorder, exchange: Exchange) -> Arrays:
+    """Every round of the scenario: open, exchange, close, record. Returns the final global model.
+
+    The loop owns the global model; ``recorder`` (fed_deq.recorder.RunRecorder) only evaluates and writes.
+    """
+    arrays = driver.initial_arrays()
+    recorder.initial_model(arrays)
+    for server_round in range(1, driver.scenario.training.rounds + 1):
+        open_round = driver.open_round(server_round, arrays)
+        replies, offline = exchange(open_round)
+        arrays, report = driver.close_round(open_round, replies, offline)
+        recorder.record_round(server_round, arrays, report)
+    return arrays

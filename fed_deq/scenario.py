@@ -30,7 +30,10 @@ SOLVERS = ("picard", "anderson", "broyden")
 BACKWARDS = ("one-step", "implicit", "phantom")
 OPTIMIZERS = ("sgd", "adam")
 FUSION_RULES = ("quality", "fedavg", "fednova", "fedprox", "fedmedian", "fedtrimmedavg", "krum")
-QUALITY_SCORES = ("budget", "residual", "accuracy", "product")
+QUALITY_SCORES = ("budget", "residual", "accuracy", "product", "probe")
+#: Misbehaving clients a scenario can plant (fed_deq/adversary.py says what each does).
+ATTACKS = ("inflate_examples", "fake_residual", "fake_accuracy", "fake_time", "fake_steps", "negative_metric",
+           "nan_update", "wrong_shape", "crash", "silent")
 
 # Sizes of the built-in datasets, for the "enough samples for every client" check; hub datasets are unknown.
 _DIGITS_SAMPLES = 1797
@@ -153,8 +156,21 @@ class ModelConfig(_Section):
     eval_iterations: int = _key(30, within=AT_LEAST_ONE)
 
 
+class _CountOrShare(_Section):
+    """Mixin for sections sized by ``count`` or ``share``: the unused one is left out of the plain form, so a
+    dumped file reads like a hand-written one."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain form without the unused one of count/share."""
+        data = super().to_dict()
+        for key in ("count", "share"):
+            if data[key] is None:
+                del data[key]
+        return data
+
+
 @dataclass(frozen=True)
-class TierConfig(_Section):
+class TierConfig(_CountOrShare):
     """A class of devices: how many, how fast, how reliable."""
 
     name: str = _key("", required=True)
@@ -168,13 +184,6 @@ class TierConfig(_Section):
     # A slowdown below 1 would be a speed-up, which the straggler model does not mean.
     straggler_slowdown: float = _key(1.0, within=AT_LEAST_ONE)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain form; the unused one of count/share is left out so the file reads like a hand-written one."""
-        data = super().to_dict()
-        for key in ("count", "share"):
-            if data[key] is None:
-                del data[key]
-        return data
 
 
 def _default_tiers() -> tuple[TierConfig, ...]:
@@ -211,7 +220,8 @@ class FusionConfig(_Section):
     """How the server fuses client models."""
 
     rule: str = _key("quality", choices=FUSION_RULES)
-    score: str = _key("residual", choices=QUALITY_SCORES)
+    # Measured best over 5 seeds on default.yaml and heterogeneous-fleet.yaml (docs/benchmarks.md).
+    score: str = _key("probe", choices=QUALITY_SCORES)
     size_exponent: float = _key(1.0, within=NON_NEGATIVE)
     quality_exponent: float = _key(1.0, within=NON_NEGATIVE)
     beta: float = _key(1.0, within=NON_NEGATIVE)
@@ -222,6 +232,8 @@ class FusionConfig(_Section):
     krum_malicious: int = _key(1, within=NON_NEGATIVE)
     # A ratio below 1 would reject the median update itself.
     max_norm_ratio: float = _key(10.0, within=AT_LEAST_ONE)
+    # Samples the server keeps out of every partition (and the test set) to score client models with.
+    probe_samples: int = _key(256, within=NON_NEGATIVE)
 
 
 @dataclass(frozen=True)
@@ -237,6 +249,17 @@ class SimulationConfig(_Section):
 
 
 @dataclass(frozen=True)
+class AdversaryConfig(_CountOrShare):
+    """Misbehaving clients: ``count`` (or ``share``) devices of ``tier`` mount ``attack`` every round."""
+
+    tier: str = _key("", required=True)
+    attack: str = _key("", required=True, choices=ATTACKS)
+    count: int | None = _key(None, within=NON_NEGATIVE)
+    share: float | None = _key(None, within=PROBABILITY)
+
+
+
+@dataclass(frozen=True)
 class Scenario(_Section):
     """A whole experiment: everything a run needs besides the output directory."""
 
@@ -247,6 +270,7 @@ class Scenario(_Section):
     training: TrainingConfig = _key(factory=TrainingConfig)
     fusion: FusionConfig = _key(factory=FusionConfig)
     simulation: SimulationConfig = _key(factory=SimulationConfig)
+    adversaries: tuple[AdversaryConfig, ...] = _key(factory=tuple)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -444,7 +468,7 @@ def _apply_override(data: dict[str, Any], item: str, source: str) -> None:
             if last:
                 node[position] = value
                 return
-            node, schema = node[position], TierConfig
+            node, schema = node[position], typing.get_args(schema)[0]
         else:
             hints = _hints(schema)
             if part not in hints:
@@ -469,6 +493,8 @@ def _apply_override(data: dict[str, Any], item: str, source: str) -> None:
 def _default_raw(schema: type, name: str, node: dict[str, Any]) -> Any:
     """Raw (dict/list) default of a section, so an override can reach into a section the file leaves out."""
     default = {f.name: f for f in dataclasses.fields(schema)}[name].default_factory()  # type: ignore[misc]
+    if isinstance(default, tuple) and not default:
+        return []
     if schema is FleetConfig and name == "tiers":
         # The default tiers use a share, which needs the (otherwise defaulted) fleet size spelled out.
         node.setdefault("num_clients", FleetConfig().num_clients)
@@ -477,13 +503,15 @@ def _default_raw(schema: type, name: str, node: dict[str, Any]) -> Any:
 
 
 def _tier_position(tiers: list[Any], part: str, where: str) -> int:
-    """Tiers are addressed by index (``fleet.tiers.0``) or by name (``fleet.tiers.phone``)."""
+    """List items are addressed by index (``fleet.tiers.0``); tiers also by name (``fleet.tiers.phone``)."""
     names = [tier.get("name") if isinstance(tier, dict) else None for tier in tiers]
     if part in names:
         return names.index(part)
     if part.isdigit() and int(part) < len(tiers):
         return int(part)
     valid = [str(name) for name in names if name is not None]
+    if not valid:
+        raise InputError(f"{where}: no entry {part!r}; use an index below {len(tiers)}")
     raise InputError(f"{where}: unknown tier {part!r}{_did_you_mean(part, valid)}; valid tiers: "
                      f"{', '.join(valid) or '(none)'} or an index below {len(tiers)}")
 
@@ -535,7 +563,7 @@ def _coerce(value: Any, hint: Any, path: str, source: str) -> Any:
             _type_error(value, "an integer or a number", path, source)
         return _coerce_optional(value, options[0], path, source, nullable=len(options) < len(typing.get_args(hint)))
     if origin is tuple:
-        return _coerce_tiers(value, typing.get_args(hint)[0], path, source)
+        return _coerce_list(value, typing.get_args(hint)[0], path, source)
     if dataclasses.is_dataclass(hint):
         return _parse_section(hint, value, path, source)
     return _coerce_optional(value, hint, path, source, nullable=False)
@@ -562,10 +590,13 @@ def _coerce_optional(value: Any, hint: type, path: str, source: str, *, nullable
     raise TypeError(f"unsupported schema type {hint!r} at {path}")  # a bug in the schema, not user input
 
 
-def _coerce_tiers(value: Any, item_cls: type, path: str, source: str) -> tuple[Any, ...]:
+def _coerce_list(value: Any, item_cls: type, path: str, source: str) -> tuple[Any, ...]:
+    if item_cls is AdversaryConfig and value is None:
+        return ()  # "adversaries:" with nothing below it: an honest fleet
+    what = "tiers" if item_cls is TierConfig else "entries"
     if not isinstance(value, list):
-        _type_error(value, "a list of tiers", path, source)
-    if not value:
+        _type_error(value, f"a list of {what}", path, source)
+    if not value and item_cls is TierConfig:
         raise InputError(f"{source}: {path}: must list at least one tier")
     return tuple(_parse_section(item_cls, item, _join(path, str(i)), source) for i, item in enumerate(value))
 
@@ -657,6 +688,7 @@ def _check_cross_section(scenario: Scenario, source: str) -> None:
     _check_dataset_size(scenario, source)
     _check_fusion(scenario, source)
     _check_simulation(scenario, source)
+    _check_adversaries(scenario, source)
 
 
 def _check_clients_per_round(scenario: Scenario, source: str) -> None:
@@ -673,10 +705,12 @@ def _check_iterations(scenario: Scenario, source: str) -> None:
     if training.max_iterations < training.min_iterations:
         raise InputError(f"{source}: training.max_iterations: must be >= training.min_iterations "
                          f"({training.min_iterations}), got {training.max_iterations}")
-    if scenario.model.backward == "one-step" and training.min_iterations < 2:
-        # One forward plus the one backward step: a budget of 1 cannot hold both.
-        raise InputError(f"{source}: training.min_iterations: must be >= 2 with model.backward one-step "
-                         f"(1 forward + 1 backward), got {training.min_iterations}")
+    if training.min_iterations < 2:
+        # Every backward mode needs at least one forward and one backward iteration: a budget of 1 cannot
+        # hold both, and the weakest clients would fail every round.
+        raise InputError(f"{source}: training.min_iterations: must be >= 2 with model.backward "
+                         f"{scenario.model.backward} (1 forward + at least 1 backward iteration), "
+                         f"got {training.min_iterations}")
 
 
 def _check_dataset_size(scenario: Scenario, source: str) -> None:
@@ -685,7 +719,7 @@ def _check_dataset_size(scenario: Scenario, source: str) -> None:
     if total is None:
         return  # hub datasets: size unknown until download
     clients = int(scenario.fleet.num_clients)  # type: ignore[arg-type]
-    train = int(total * (1 - dataset.test_fraction))
+    train = int(total * (1 - dataset.test_fraction)) - scenario.fusion.probe_samples
     per_client = dataset.partition.min_partition_size if dataset.partition.kind == "dirichlet" else 1
     needed = clients * max(1, per_client)
     if train < needed:
@@ -701,6 +735,9 @@ def _check_dataset_size(scenario: Scenario, source: str) -> None:
 
 def _check_fusion(scenario: Scenario, source: str) -> None:
     fusion = scenario.fusion
+    if fusion.rule == "quality" and fusion.score == "probe" and fusion.probe_samples < 1:
+        raise InputError(f"{source}: fusion.probe_samples: must be >= 1 with fusion.score probe, "
+                         f"got {fusion.probe_samples}")
     if fusion.rule != "krum":
         return
     sampled = resolve_clients_per_round(scenario.training.clients_per_round,
@@ -716,6 +753,31 @@ def _check_simulation(scenario: Scenario, source: str) -> None:
     if sim.num_cpus is not None and sim.num_cpus < sim.cpus_per_client:
         raise InputError(f"{source}: simulation.num_cpus: must be >= simulation.cpus_per_client "
                          f"({_num(sim.cpus_per_client)}), got {sim.num_cpus}")
+
+
+def _check_adversaries(scenario: Scenario, source: str) -> None:
+    """Known tier, exactly one of count/share, and never more adversaries in a tier than it has devices."""
+    counts = tier_counts(scenario)
+    planted: dict[str, int] = {}
+    for i, entry in enumerate(scenario.adversaries):
+        where = f"{source}: adversaries.{i}"
+        if entry.tier not in counts:
+            valid = list(counts)
+            raise InputError(f"{where}.tier: unknown tier {entry.tier!r}{_did_you_mean(entry.tier, valid)}; "
+                             f"valid tiers: {', '.join(valid)}")
+        if (entry.count is None) == (entry.share is None):
+            raise InputError(f"{where}: needs exactly one of count or share (attack {entry.attack!r})")
+        planted[entry.tier] = planted.get(entry.tier, 0) + adversary_count(entry, counts[entry.tier])
+        if planted[entry.tier] > counts[entry.tier]:
+            raise InputError(f"{where}.count: {planted[entry.tier]} adversaries planted in tier {entry.tier!r}, "
+                             f"which has {counts[entry.tier]} devices")
+
+
+def adversary_count(entry: AdversaryConfig, tier_size: int) -> int:
+    """Devices an adversaries entry plants: its count, or its share of the tier rounded half up."""
+    if entry.count is not None:
+        return int(entry.count)
+    return int(math.floor(float(entry.share) * tier_size + 0.5))  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -748,7 +810,8 @@ def _key_paths(cls: type, prefix: str) -> list[str]:
         if dataclasses.is_dataclass(hint):
             paths.extend(_key_paths(hint, path))
         elif _is_tier_list(hint):
-            paths.extend(_key_paths(TierConfig, f"{path}.<tier>"))
+            item = typing.get_args(hint)[0]
+            paths.extend(_key_paths(item, f"{path}.<{'tier' if item is TierConfig else 'index'}>"))
     return paths
 
 

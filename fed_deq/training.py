@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from fed_deq.fleet import NO_WORK, WorkCounts
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,11 @@ class LocalTrainConfig:
 
 @dataclass(frozen=True)
 class LocalTrainResult:
-    """What one round of local training did, averaged over the solves it ran."""
+    """What one round of local training did, averaged over the solves it ran.
+
+    ``work`` is what it evaluated, counted on whole batches (fed_deq/fleet.py ``WorkCounts``): the input of
+    the simulated clock, unlike the per-sample mean iterations above.
+    """
 
     num_examples: int
     local_steps: int
@@ -35,6 +41,7 @@ class LocalTrainResult:
     backward_iterations: float
     rel_residual: float
     train_loss: float
+    work: WorkCounts = field(default=NO_WORK)
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,22 @@ def _finite_mean_residual(stats: dict) -> float:
     return float(residual.mean())
 
 
+def _batch_work(out, batch: int) -> WorkCounts:
+    """Whole-batch work of one training step from a model output whose backward has run."""
+    fwd, bwd = out.forward_stats, out.backward_stats
+    f_calls = int(fwd["f_calls"])
+    adjoint_calls = int(bwd.get("adjoint_f_calls", 0))
+    grad_evals = bwd.get("grad_evals")
+    return WorkCounts(
+        solve_evals=float(batch * f_calls),
+        grad_evals=float(grad_evals.sum()) if grad_evals is not None else 0.0,
+        vjp_evals=float(batch * int(bwd.get("vjp_calls", 0))),
+        samples=float(batch),
+        norm_calls=1.0,
+        solver_steps=float(batch * (max(f_calls - 1, 0) + max(adjoint_calls - 1, 0))),
+    )
+
+
 def _proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
     """FedProx's μ/2 ‖w − w_global‖², which keeps local models near the round's global model."""
     total = torch.zeros(())
@@ -101,6 +124,7 @@ def train_local(
     optimizer = make_optimizer(model.parameters(), cfg)
     anchor = [p.detach().clone() for p in model.parameters()] if cfg.proximal_mu > 0 else []
     fwd_iters, bwd_iters, residuals, losses, steps = [], [], [], [], 0
+    work = NO_WORK
     model.train()
     for _ in range(cfg.epochs):
         order = torch.randperm(len(xt), generator=generator)
@@ -117,6 +141,7 @@ def train_local(
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=5.0)
             optimizer.step()
             steps += 1
+            work = work + _batch_work(out, len(idx))
             losses.append(float(loss.detach()))
             fwd_iters.append(_mean_stat(out.forward_stats, "iterations"))
             bwd_iters.append(_mean_stat(out.backward_stats, "iterations"))
@@ -128,6 +153,7 @@ def train_local(
         backward_iterations=float(np.mean(bwd_iters)) if bwd_iters else 0.0,
         rel_residual=float(np.mean(residuals)) if residuals else 0.0,
         train_loss=float(np.mean(losses)) if losses else 0.0,
+        work=work,
     )
     return result, z_bank.numpy() if z_bank is not None else np.zeros((0,), np.float32)
 

@@ -52,8 +52,8 @@ FLOAT_RANGES = {
     "proximal_mu": (1e-4, 1.0, True),
     "trim_beta": (0.05, 0.45, False),
 }
-#: Quality scores that read the relative residual, hence use ``beta``.
-RESIDUAL_SCORES = ("residual", "product")
+#: Quality scores shaped by ``beta`` (exp(-beta * residual) or exp(-beta * probe loss)).
+RESIDUAL_SCORES = ("residual", "product", "probe")
 TRIAL_COLUMNS = ("final_accuracy", "best_accuracy", "time_to_target_s", "sim_time_s", "wall_time_s", "error")
 COMPARE_COLUMNS = ("rule", "final_accuracy", "best_accuracy", "sim_time_to_target_s", "wall_time_s")
 

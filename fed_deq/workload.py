@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fed_deq import data, fleet
+from fed_deq import adversary, data, fleet
 from fed_deq.deq import build_model
 from fed_deq.errors import InputError
 from fed_deq.scenario import Scenario, num_clients, resolve_tier
@@ -25,7 +25,8 @@ def scenario_data(scenario: Scenario) -> data.DataBundle:
     """The scenario's dataset (memoised per process by ``data.load_dataset``)."""
     ds = scenario.dataset
     return data.load_dataset(ds.name, seed=scenario.seed, num_samples=ds.num_samples,
-                             test_fraction=ds.test_fraction, image_key=ds.image_key, label_key=ds.label_key)
+                             test_fraction=ds.test_fraction, image_key=ds.image_key, label_key=ds.label_key,
+                             probe_samples=scenario.fusion.probe_samples)
 
 
 def build_scenario_model(scenario: Scenario, bundle: data.DataBundle) -> nn.Module:
@@ -86,7 +87,8 @@ def plan_client_budget(scenario: Scenario, device: fleet.Device, model: nn.Modul
                              epochs=t.local_epochs, cell_flops=model.cell_flops(),
                              overhead_flops=model.overhead_flops(), backward=m.backward,
                              backward_iterations=m.backward_iterations, min_iterations=t.min_iterations,
-                             max_iterations=t.max_iterations)
+                             max_iterations=t.max_iterations, batch_size=t.batch_size,
+                             norm_flops=model.norm_flops(), solver_flops=model.solver_flops(m.solver))
 
 
 @dataclass(frozen=True)
@@ -98,24 +100,51 @@ class ClientRound:
     warm_start: np.ndarray
 
 
+def arrays_nbytes(arrays: Arrays) -> int:
+    """Bytes of a model on the wire (the payload of its ArrayRecord)."""
+    return int(sum(np.asarray(a).nbytes for a in arrays.values()))
+
+
+def round_clock(scenario: Scenario, device: fleet.Device, model: nn.Module, work: fleet.WorkCounts, *,
+                server_round: int, bytes_down: int, bytes_up: int) -> tuple[float, float]:
+    """Simulated (compute, communication) seconds of one client round; the client and the server both use it.
+
+    Compute: the FLOPs of the work done (fleet.work_flops) at the device's speed, times its straggler
+    slowdown drawn from the scenario seed. Communication: the bytes downloaded and uploaded at its bandwidth.
+    """
+    flops = fleet.work_flops(work, cell_flops=model.cell_flops(), overhead_flops=model.overhead_flops(),
+                             norm_flops=model.norm_flops(), solver_flops=model.solver_flops(scenario.model.solver))
+    slowdown = fleet.straggler_slowdown(device, seed=scenario.seed, round=server_round)
+    compute_s = fleet.compute_seconds(device, flops) * slowdown
+    comm_s = (bytes_down + bytes_up) * fleet.BITS_PER_BYTE / device.bandwidth_bps
+    return compute_s, comm_s
+
+
 def run_client_round(
     scenario: Scenario,
     partition_id: int,
     server_round: int,
     global_arrays: Arrays,
     *,
+    budget: fleet.Budget | None = None,
     tier: str | None = None,
     warm_start: np.ndarray | None = None,
     proximal_mu: float = 0.0,
+    attack: str | None = None,
 ) -> ClientRound:
-    """Train the global model on this client's data within its device budget and report what it cost."""
+    """Train the global model on this client's data within its budget and report what it cost.
+
+    ``budget`` is the one the server assigned (the train message carries it); without one the client plans
+    its own from its device. ``attack`` makes the client misbehave (fed_deq/adversary.py).
+    """
     torch.set_num_threads(1)  # one simulated device per core; also keeps float sums reproducible
     bundle = scenario_data(scenario)
     local = client_partition(scenario, partition_id)
     device = client_device(scenario, partition_id, tier)
     model = build_scenario_model(scenario, bundle)
     load_arrays(model, global_arrays)
-    budget = plan_client_budget(scenario, device, model, len(local.y_train))
+    if budget is None:
+        budget = plan_client_budget(scenario, device, model, len(local.y_train))
     t, m = scenario.training, scenario.model
     cfg = LocalTrainConfig(epochs=t.local_epochs, batch_size=t.batch_size, learning_rate=t.learning_rate,
                            optimizer=t.optimizer, momentum=t.momentum, solver=m.solver, tol=m.tol,
@@ -127,20 +156,29 @@ def run_client_round(
     result, bank = train_local(model, local.x_train, local.y_train, cfg=cfg, forward_budget=budget.forward,
                                backward_budget=budget.backward, generator=gen, warm_start=warm_start,
                                reuse_fixed_points=t.warm_start)
-    val = evaluate(model, local.x_val, local.y_val, solver=m.solver, max_iter=budget.forward, tol=m.tol)
-    metrics = _round_metrics(scenario, device, model, budget, result, val, server_round, partition_id)
+    val = validate(scenario, model, local, budget)
+    arrays = model_arrays(model)
+    compute_s, comm_s = round_clock(scenario, device, model, result.work, server_round=server_round,
+                                    bytes_down=arrays_nbytes(global_arrays), bytes_up=arrays_nbytes(arrays))
+    metrics = _round_metrics(scenario, budget, result, val, server_round, partition_id, compute_s, comm_s)
+    arrays, metrics = adversary.apply(attack, arrays, metrics)
     keep = bank if t.warm_start else np.zeros((0,), np.float32)  # nothing to carry to the next round
-    return ClientRound(arrays=model_arrays(model), metrics=metrics, warm_start=keep)
+    return ClientRound(arrays=arrays, metrics=metrics, warm_start=keep)
 
 
-def _round_metrics(scenario, device, model, budget, result, val, server_round, partition_id) -> dict[str, float]:
-    """The reply metrics the server screens and fuses on (names are the wire contract)."""
-    flops = fleet.training_flops(result.num_examples, scenario.training.local_epochs, model.overhead_flops(),
-                                 model.cell_flops(), result.forward_iterations, result.backward_iterations)
-    slowdown = fleet.straggler_slowdown(device, seed=scenario.seed, round=server_round)
-    compute_s = fleet.compute_seconds(device, flops) * slowdown
-    comm_s = fleet.comm_seconds(device, fleet.model_bytes(num_parameters(model)))
-    val_acc = val.accuracy if val.num_examples else 0.0
+def validate(scenario: Scenario, model: nn.Module, local: data.ClientData, budget: fleet.Budget):
+    """The model on the client's validation split at the client's forward budget, from a cold start.
+
+    The server repeats exactly this call to check what the client reports (rounds.py).
+    """
+    m = scenario.model
+    return evaluate(model, local.x_val, local.y_val, solver=m.solver, max_iter=budget.forward, tol=m.tol)
+
+
+def _round_metrics(scenario, budget, result, val, server_round, partition_id, compute_s,
+                   comm_s) -> dict[str, float]:
+    """The reply metrics the server screens (names are the wire contract; docs/design.md lists them)."""
+    work = result.work
     return {
         "num-examples": float(result.num_examples),
         "local-steps": float(result.local_steps),
@@ -149,8 +187,15 @@ def _round_metrics(scenario, device, model, budget, result, val, server_round, p
         "budget-total": float(budget.total),
         "budget-share": budget.total / scenario.training.max_iterations,
         "rel-residual": result.rel_residual,
-        "val-accuracy": float(val_acc),
+        "val-accuracy": float(val.accuracy) if val.num_examples else 0.0,
+        "val-rel-residual": float(val.rel_residual),
         "train-loss": result.train_loss,
+        "work-solve-evals": float(work.solve_evals),
+        "work-grad-evals": float(work.grad_evals),
+        "work-vjp-evals": float(work.vjp_evals),
+        "work-samples": float(work.samples),
+        "work-norm-calls": float(work.norm_calls),
+        "work-solver-steps": float(work.solver_steps),
         "compute-s": compute_s,
         "comm-s": comm_s,
         "sim-time-s": compute_s + comm_s,

@@ -1,4 +1,4 @@
-"""The ServerApp's body: discover the fleet, run the rounds with the scenario's strategy, record them."""
+"""The ServerApp's body: discover the fleet, then drive fed-deq's rounds over a Flower Grid and record them."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import logging
 import time
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid
 
-from fed_deq import fleet
 from fed_deq.recorder import RunRecorder
+from fed_deq.rounds import OpenRound, Reply, RoundDriver, run_rounds
 from fed_deq.scenario import Scenario, dump_scenario
-from fed_deq.workload import model_arrays
-from server.records import from_array_record, to_array_record
-from server.strategies import FleetBinding, build_strategy
+from server.records import to_array_record, to_reply
+from server.strategies import robust_fuser
 
 log = logging.getLogger("fed_deq.server")
 
@@ -29,45 +29,95 @@ def wait_for_nodes(grid: Grid, expected: int, wait_s: float) -> list[int]:
         time.sleep(0.2)
 
 
-def discover_partitions(grid: Grid, expected: int, timeout_s: float, wait_s: float = 120.0) -> dict[int, int]:
-    """Ask every connected node which partition it serves; node ids are random, partitions are not."""
+def discover_partitions(grid: Grid, expected: int, timeout_s: float,
+                        wait_s: float = 120.0) -> tuple[dict[int, int], dict[int, str]]:
+    """Ask every connected node which partition it serves; node ids are random, partitions are not.
+
+    Returns (node id → partition id, node id → why its answer was refused). A reply without a readable
+    partition id in range is refused; so is every node that claims a partition another node claims too
+    (keeping one of them would let whoever answers first take a partition over).
+    """
     node_ids = wait_for_nodes(grid, expected, wait_s)
     if len(node_ids) < expected:
         log.warning("only %d of %d nodes connected after %.0fs; going on with them", len(node_ids), expected, wait_s)
     queries = [Message(RecordDict({"config": ConfigRecord({"ask": "partition"})}), dst_node_id=node,
                        message_type=MessageType.QUERY) for node in node_ids]
-    partitions: dict[int, int] = {}
+    claims: dict[int, int] = {}
+    refused: dict[int, str] = {}
     for reply in grid.send_and_receive(queries, timeout=timeout_s):
-        if reply.has_error():
-            log.warning("node %s did not describe itself: %s", reply.metadata.src_node_id, reply.error.reason)
-            continue
-        pid = int(reply.content["metrics"]["partition-id"])
-        if 0 <= pid < expected:
-            partitions[reply.metadata.src_node_id] = pid
-    return partitions
+        node = reply.metadata.src_node_id
+        try:
+            claims[node] = _claimed_partition(reply, expected)
+        except ValueError as exc:
+            refused[node] = str(exc)
+    by_partition: dict[int, list[int]] = {}
+    for node, pid in claims.items():
+        by_partition.setdefault(pid, []).append(node)
+    partitions = {}
+    for pid, nodes in by_partition.items():
+        if len(nodes) == 1:
+            partitions[nodes[0]] = pid
+        else:
+            for node in nodes:
+                refused[node] = f"partition {pid} claimed by {len(nodes)} nodes"
+    for node, reason in sorted(refused.items()):
+        log.warning("discovery: node %s refused: %s", node, reason)
+    return partitions, refused
+
+
+def _claimed_partition(reply: Message, expected: int) -> int:
+    """The partition id a discovery reply claims, or ValueError naming what is wrong with it."""
+    if reply.has_error():
+        raise ValueError(f"did not describe itself: {reply.error.reason}")
+    try:
+        value = reply.content["metrics"]["partition-id"]
+    except Exception:  # noqa: BLE001 - any malformed content means the same thing
+        raise ValueError("discovery reply without a partition-id") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+        raise ValueError(f"partition-id {value!r} is not an integer")
+    if not 0 <= int(value) < expected:
+        raise ValueError(f"partition-id {int(value)} outside the fleet of {expected}")
+    return int(value)
+
+
+def flower_exchange(grid: Grid, partitions: dict[int, int], scenario_text: str, timeout_s: float,
+                    rounds: int):
+    """The run loop's exchange over a Flower Grid: one message per instruction, replies back as Reply."""
+    nodes = {pid: node for node, pid in partitions.items()}
+
+    def exchange(open_round: OpenRound) -> tuple[list[Reply], list[int]]:
+        # Flower's own round banner: `flwr run --stream` shows it, and deploy-local waits for it.
+        flwr_log(logging.INFO, "[ROUND %s/%s]", open_round.server_round, rounds)
+        live = set(grid.get_node_ids())
+        arrays = to_array_record(open_round.reference)
+        offline = [pid for pid in open_round.instructions if nodes.get(pid) not in live]
+        messages = [_train_message(open_round, instruction, arrays, nodes[pid], scenario_text)
+                    for pid, instruction in open_round.instructions.items() if pid not in offline]
+        replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+        # The Grid filled in the ids of what it sent; an error reply for a dead node comes from the SuperLink
+        # itself, so only the message it answers tells whose it is.
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+        return [to_reply(m, partitions, sent_to) for m in replies], offline
+
+    return exchange
+
+
+def _train_message(open_round: OpenRound, instruction, arrays, node_id: int, scenario_text: str) -> Message:
+    """One client's message, with its own RecordDict (Flower would share one across messages otherwise)."""
+    config = ConfigRecord({"server-round": open_round.server_round, "scenario": scenario_text,
+                           **instruction.config()})
+    return Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node_id,
+                   message_type=MessageType.TRAIN)
 
 
 def run_federation(grid: Grid, scenario: Scenario, out_dir: str | Path, *, name: str = "scenario",
                    progress: bool = False, timeout_s: float = 3600.0) -> dict:
     """Run every round of the scenario on ``grid`` and write the run's files to ``out_dir``."""
-    devices = fleet.build_fleet(scenario)
-    partitions = discover_partitions(grid, len(devices), timeout_s)
-    strategy = build_strategy(scenario)
-    strategy.bind(FleetBinding(scenario=scenario, scenario_text=dump_scenario(scenario), devices=devices,
-                               partitions=partitions))
+    driver = RoundDriver(scenario, robust_fuser=robust_fuser(scenario))
+    partitions, refused = discover_partitions(grid, len(driver.devices), timeout_s)
+    exchange = flower_exchange(grid, partitions, dump_scenario(scenario), timeout_s, scenario.training.rounds)
     with RunRecorder(scenario, out_dir, name=name, progress=progress) as recorder:
-        initial = model_arrays(recorder.model)
-
-        def evaluate(server_round: int, arrays) -> MetricRecord:
-            numpy_arrays = from_array_record(arrays)
-            if server_round == 0:
-                result = recorder.initial_model(numpy_arrays)
-            else:
-                result = recorder.record_round(server_round, numpy_arrays, strategy.reports.get(server_round))
-            return MetricRecord({"accuracy": float(result["accuracy"])})
-
-        strategy.start(grid=grid, initial_arrays=to_array_record(initial), num_rounds=scenario.training.rounds,
-                       timeout=timeout_s, evaluate_fn=evaluate)
-        summary = recorder.finish()
-        summary["nodes_discovered"] = len(partitions)
+        run_rounds(driver, recorder, exchange)
+        summary = recorder.finish(extra={"nodes_discovered": len(partitions),
+                                         "discovery_refused": {str(k): v for k, v in sorted(refused.items())}})
     return summary

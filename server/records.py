@@ -30,8 +30,14 @@ def to_reply(message: Message, partitions: dict[int, int], sent_to: dict[str, in
         return Reply(node_id=node_id, partition_id=partition_id, error=str(message.error.reason))
     try:
         arrays = from_array_record(message.content["arrays"])
-        metrics = {k: float(v) for k, v in message.content["metrics"].items()}
-    except Exception:  # noqa: BLE001 - a malformed payload is the client's fault, never the run's
-        # Empty content fails screening with a precise reason (missing keys), so it is counted as rejected.
-        return Reply(node_id=node_id, partition_id=partition_id, arrays={}, metrics={})
+        metrics = {k: _number(k, v) for k, v in message.content["metrics"].items()}
+    except Exception as exc:  # noqa: BLE001 - a malformed payload is the client's fault, never the run's
+        return Reply(node_id=node_id, partition_id=partition_id, problem=f"unreadable reply: {exc}")
     return Reply(node_id=node_id, partition_id=partition_id, arrays=arrays, metrics=metrics)
+
+
+def _number(name: str, value) -> float:
+    """A metric as a float; lists and text are the client's mistake (named in the rejection)."""
+    if isinstance(value, (bool, list, tuple, str, bytes)):
+        raise ValueError(f"metric {name!r} is not a number")
+    return float(value)

@@ -55,12 +55,16 @@ def test_simulate_on_ray_writes_the_run_files_and_is_deterministic(tiny_scenario
     runs = []
     for name in ("a", "b"):
         out = tmp_path / name
-        result = fed_deq("simulate", str(tiny_scenario_path), "--out", str(out), "--no-progress")
+        result = fed_deq("simulate", str(tiny_scenario_path), "--out", str(out), "--no-progress",
+                         "--set", "fusion.score=probe")
         assert result.returncode == 0, result.stderr[-3000:]
         runs.append(out)
     records = [[json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] for out in runs]
     assert len(records[0]) == 2
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rs]  # noqa: E731
+    def strip(rs):  # wall-clock fields aside, two runs of one scenario write the same metrics
+        return [{k: ({**v, "wall_s": None} if k == "probe" else v) for k, v in r.items() if k != "wall_time_s"}
+                for r in rs]
+
     assert strip(records[0]) == strip(records[1])
     first = records[0][0]
     for key in ("round", "accuracy", "loss", "sim_time_s", "round_sim_time_s", "clients_sampled",
@@ -69,6 +73,9 @@ def test_simulate_on_ray_writes_the_run_files_and_is_deterministic(tiny_scenario
         assert key in first, key
     assert first["clients_sampled"] == 4 and first["clients_completed"] >= 1
     assert 2 <= first["mean_iterations"] <= 12  # within the scenario's min/max budget
+    # The server scored every accepted model on its probe set and said what that cost.
+    assert first["probe"]["clients"] == first["clients_completed"] and first["probe"]["wall_s"] > 0
+    assert set(first["quality_scores"]) == set(first["fusion_weights"])
     summary = json.loads((runs[0] / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["fusion_rule"] == "quality" and summary["scenario"] == "tiny"
     assert summary["final_accuracy"] == records[0][-1]["accuracy"]

@@ -252,3 +252,40 @@ def test_client_data_tiny_partition_keeps_a_training_sample(digits):
 def test_client_data_rejects_bad_partition_id(digits):
     with pytest.raises(InputError, match="partition-id"):
         data.client_data(digits, 4, num_partitions=4, kind="iid", seed=0, validation_fraction=0.1)
+
+
+def test_the_probe_set_is_disjoint_from_test_and_clients_and_leaves_the_test_set_alone():
+    plain = data.load_dataset("mnist1d", seed=3, num_samples=SMALL, test_fraction=0.2)
+    probed = data.load_dataset("mnist1d", seed=3, num_samples=SMALL, test_fraction=0.2, probe_samples=50)
+    np.testing.assert_array_equal(probed.x_test, plain.x_test)
+    assert len(probed.y_probe) == 50 and len(probed.y_train) == len(plain.y_train) - 50
+    rows = lambda x: {r.tobytes() for r in x}  # noqa: E731 - MNIST-1D samples are continuous: no duplicates
+    probe = rows(probed.x_probe)
+    assert len(probe) == 50 and probe <= rows(plain.x_train)
+    assert not probe & rows(probed.x_train) and not probe & rows(probed.x_test)
+    assert not probed.x_probe.flags.writeable
+    with pytest.raises(InputError, match="fusion.probe_samples"):
+        data.load_dataset("digits", seed=0, num_samples=0, test_fraction=0.2, probe_samples=10_000)
+
+
+def test_mnist1d_generated_in_two_threads_at_once_equals_one_at_a_time():
+    """make_dataset draws from global RNGs: two threads at once must not interleave their streams (the runner
+    generates the server's dataset in a thread while the server starts)."""
+    import threading
+
+    alone = [data._make_mnist1d(seed, 400) for seed in (5, 6)]
+    together: dict = {}
+    start = threading.Barrier(2)
+
+    def make(seed):
+        start.wait()
+        together[seed] = data._make_mnist1d(seed, 400)
+
+    threads = [threading.Thread(target=make, args=(seed,)) for seed in (5, 6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for seed, (x, y, _) in zip((5, 6), alone):
+        np.testing.assert_array_equal(together[seed][0], x)
+        np.testing.assert_array_equal(together[seed][1], y)

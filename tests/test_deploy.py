@@ -186,7 +186,7 @@ def federations(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     root = tmp_path_factory.mktemp("federations")
     scenario = root / "tiny.yaml"
     scenario.write_text(TINY)
-    variants = {"plain": {"overrides": ["model.width=12"]}, "killed": {"kill_node_after_s": 1.0},
+    variants = {"plain": {"overrides": ["model.width=12", "fusion.score=probe"]}, "killed": {"kill_node_after_s": 1.0},
                 "tls": {"tls": True, "node_auth": True}}
     with ThreadPoolExecutor(max_workers=len(variants)) as pool:
         runs = {name: (root / name, pool.submit(deploy.run_local_deployment, scenario, root / name,
@@ -209,6 +209,7 @@ def test_three_node_federation_completes_two_rounds(federations: dict) -> None:
     assert summary["rounds"] == 2
     assert json.loads((out / "summary.json").read_text())["rounds"] == 2
     assert yaml.safe_load((out / "scenario.yaml").read_text())["model"]["width"] == 12  # --set reached the run
+    assert all(r["probe"]["clients"] == 3 for r in records)  # the server scored each model on its probe set
     assert (out / "accuracy.png").is_file() and (out / "deploy-logs" / "superlink.log").is_file()
     assert summary["deployment"]["killed_node"] is None
     assert leftovers(summary) == []

@@ -74,7 +74,7 @@ def test_budget_is_a_hard_limit(solver, budget):
     f, z0 = contraction(gain=0.99, dtype=torch.float32)
     counting = Counting(f)
     z, stats = solve(counting, z0, solver=solver, max_iter=budget, tol=0.0)
-    assert counting.calls == budget
+    assert counting.calls == budget == int(stats["f_calls"])
     assert stats["iterations"].dtype == torch.int64
     assert torch.equal(stats["iterations"], torch.full((6,), budget))
     assert not bool(stats["converged"].any())

@@ -8,6 +8,7 @@ import pytest
 from fed_deq.errors import InputError
 from fed_deq.fusion import (
     fednova_aggregate,
+    fednova_normaliser,
     norm_outliers,
     quality_scores,
     quality_weights,
@@ -131,8 +132,12 @@ def test_fednova_by_hand_with_unequal_steps():
     # Σ p Δ/τ = 0.25*[1, 2] + 0.75*[0.5, 1] = [0.625, 1.25]; x⁺ = [1, 1] − 3.25*[0.625, 1.25] = [−1.03125, −3.0625].
     glob = {"w": np.array([1.0, 1.0], np.float32)}
     clients = [{"w": np.array([0.0, -1.0], np.float32)}, {"w": np.array([-1.0, -3.0], np.float32)}]
-    out = fednova_aggregate(glob, clients, num_examples=[1, 3], local_steps=[1, 4])
+    out, weights = fednova_aggregate(glob, clients, num_examples=[1, 3], normalisers=[1, 4])
     np.testing.assert_allclose(out["w"], [-1.03125, -3.0625])
+    # Effective weights w_i = τ_eff p_i / a_i = [3.25*0.25/1, 3.25*0.75/4]; the old model keeps 1 − Σw.
+    np.testing.assert_allclose(weights, [0.8125, 0.609375])
+    np.testing.assert_allclose(sum(w * c["w"] for w, c in zip(weights, clients)) + (1 - weights.sum()) * glob["w"],
+                               out["w"], rtol=1e-6)
     assert out["w"].dtype == np.float32
     # FedAvg by n would give 0.25*[0, -1] + 0.75*[-1, -3] = [-0.75, -2.5]: FedNova differs here.
     assert not np.allclose(out["w"], [-0.75, -2.5])
@@ -141,7 +146,8 @@ def test_fednova_by_hand_with_unequal_steps():
 def test_fednova_equal_steps_is_fedavg_by_examples():
     glob = arrays([1, 1], [2])
     clients = [arrays([0, 3], [1]), arrays([2, -1], [5]), arrays([4, 4], [0])]
-    out = fednova_aggregate(glob, clients, num_examples=[1, 2, 5], local_steps=[3, 3, 3])
+    out, weights = fednova_aggregate(glob, clients, num_examples=[1, 2, 5], normalisers=[3, 3, 3])
+    np.testing.assert_allclose(weights, [1 / 8, 2 / 8, 5 / 8])
     ref = weighted_average(clients, [1, 2, 5])
     for key in ref:
         np.testing.assert_allclose(out[key], ref[key], rtol=1e-6)
@@ -151,10 +157,41 @@ def test_fednova_equal_steps_is_fedavg_by_examples():
 
 def test_fednova_rejects_bad_steps_and_shapes():
     glob = arrays([1, 1])
-    with pytest.raises(InputError, match="local_steps"):
+    with pytest.raises(InputError, match="normalisers"):
         fednova_aggregate(glob, [arrays([0, 0])], [1], [0])
     with pytest.raises(InputError, match="shape"):
         fednova_aggregate(glob, [arrays([0, 0, 0])], [1], [1])
+
+
+def test_fednova_normaliser_plain_sgd_is_the_step_count():
+    np.testing.assert_array_equal(fednova_normaliser([1, 5, 12], optimizer="sgd", momentum=0.0, learning_rate=0.1),
+                                  [1, 5, 12])
+
+
+def test_fednova_normaliser_with_momentum_by_hand_and_closed_form():
+    # ρ = 0.5, τ = 3: the gradients count 1 + 0.5 + 0.25, 1 + 0.5, 1 → ‖a‖₁ = 4.25.
+    (a,) = fednova_normaliser([3], optimizer="sgd", momentum=0.5, learning_rate=0.1)
+    assert a == pytest.approx(4.25)
+    # The paper's closed form [τ − ρ(1 − ρ^τ)/(1 − ρ)]/(1 − ρ) for ρ = 0.9 and τ = 15.
+    rho, tau = 0.9, 15
+    (b,) = fednova_normaliser([tau], optimizer="sgd", momentum=rho, learning_rate=0.05)
+    assert b == pytest.approx((tau - rho * (1 - rho**tau) / (1 - rho)) / (1 - rho))
+    assert b < tau / (1 - rho)  # early gradients have not yet gathered their full momentum
+
+
+def test_fednova_normaliser_proximal_adam_and_bad_input():
+    # μ only (ρ = 0): a ← (1 − ημ) a + 1, so τ = 2 with ημ = 0.5 gives 1.5.
+    (a,) = fednova_normaliser([2], optimizer="sgd", momentum=0.0, learning_rate=0.5, proximal_mu=1.0)
+    assert a == pytest.approx(1.5)
+    np.testing.assert_array_equal(fednova_normaliser([4, 7], optimizer="adam", momentum=0.9, learning_rate=1e-3),
+                                  [4, 7])
+    with pytest.raises(InputError, match="local steps"):
+        fednova_normaliser([0], optimizer="sgd", momentum=0.0, learning_rate=0.1)
+
+
+def test_probe_score_is_exp_of_minus_the_loss():
+    scores = quality_scores("probe", probe_loss=[0.0, 1.0, math.inf], beta=2.0)
+    np.testing.assert_allclose(scores, [1.0, math.exp(-2.0), 0.0])
 
 
 # --- norms -----------------------------------------------------------------------------------------------

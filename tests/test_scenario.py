@@ -450,3 +450,62 @@ def test_scenario_is_frozen():
     scenario = Scenario()
     with pytest.raises(dataclasses.FrozenInstanceError):
         scenario.training.rounds = 3  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------------------------- trust
+
+
+@pytest.mark.parametrize("backward", ["one-step", "phantom", "implicit"])
+def test_a_budget_of_one_iteration_is_refused_in_every_backward_mode(backward):
+    message = error_of({"model": {"backward": backward}, "training": {"min_iterations": 1}})
+    assert message.startswith(f"{SRC}: training.min_iterations: must be >= 2 with model.backward {backward}")
+
+
+def test_probe_score_needs_probe_samples():
+    message = error_of({"fusion": {"rule": "quality", "score": "probe", "probe_samples": 0}})
+    assert message == f"{SRC}: fusion.probe_samples: must be >= 1 with fusion.score probe, got 0"
+    assert parse_scenario({"fusion": {"score": "residual", "probe_samples": 0}}, SRC).fusion.probe_samples == 0
+
+
+def test_the_probe_set_counts_against_the_training_samples():
+    message = error_of({"dataset": {"num_samples": 300}, "fusion": {"probe_samples": 235}})
+    assert "dataset.num_samples: must leave at least" in message
+
+
+ADVERSARY = {"tier": "phone", "count": 1, "attack": "fake_time"}
+
+
+def test_adversaries_parse_and_round_trip():
+    data = merged(TWO_TIERS, {"adversaries": [ADVERSARY, {"tier": "laptop", "share": 0.5, "attack": "crash"}]})
+    scenario = parse_scenario(data, SRC)
+    assert [(a.tier, a.attack, a.count, a.share) for a in scenario.adversaries] == [
+        ("phone", "fake_time", 1, None), ("laptop", "crash", None, 0.5)]
+    assert parse_scenario_text(dump_scenario(scenario)) == scenario
+    assert parse_scenario(TWO_TIERS, SRC).adversaries == ()
+    assert parse_scenario(merged(TWO_TIERS, {"adversaries": None}), SRC).adversaries == ()
+
+
+@pytest.mark.parametrize("entry, fragment", [
+    ({**ADVERSARY, "tier": "phon"}, "adversaries.0.tier: unknown tier 'phon'; did you mean 'phone'?"),
+    ({**ADVERSARY, "attack": "fake_tim"}, "adversaries.0.attack: must be one of"),
+    ({"tier": "phone", "count": 1}, "adversaries.0.attack: missing (required)"),
+    ({"tier": "phone", "attack": "crash"}, "adversaries.0: needs exactly one of count or share"),
+    ({**ADVERSARY, "share": 0.5}, "adversaries.0: needs exactly one of count or share"),
+    ({**ADVERSARY, "count": 99}, "adversaries.0.count: 99 adversaries planted in tier 'phone', which has 6 devices"),
+    ({**ADVERSARY, "count": -1}, "adversaries.0.count: must be an integer >= 0"),
+    ({**ADVERSARY, "bogus": 1}, "adversaries.0.bogus: unknown key"),
+])
+def test_bad_adversaries_name_the_dotted_key(entry, fragment):
+    assert fragment in error_of(merged(TWO_TIERS, {"adversaries": [entry]}))
+
+
+def test_adversaries_must_be_a_list():
+    assert "adversaries: must be a list of entries" in error_of({"adversaries": {"tier": "x"}})
+
+
+def test_adversary_override_by_index(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(merged(TWO_TIERS, {"adversaries": [ADVERSARY]})))
+    assert load_scenario(path, ["adversaries.0.count=2"]).adversaries[0].count == 2
+    with pytest.raises(InputError, match="no entry '3'"):
+        load_scenario(path, ["adversaries.3.count=2"])

@@ -81,7 +81,7 @@ def test_tune_writes_trials_best_and_plot(tmp_path):
         assert len(metrics) == 2
         assert float(row["objective"]) == pytest.approx(metrics[-1]["accuracy"])
         assert float(row["final_accuracy"]) == pytest.approx(metrics[-1]["accuracy"])
-        assert row["score"] in ("budget", "residual", "accuracy", "product")
+        assert row["score"] in ("budget", "residual", "accuracy", "product", "probe")
         assert 0.0 <= float(row["floor"]) <= 0.5 and float(row["wall_time_s"]) > 0
     best = max(rows, key=lambda r: float(r["objective"]))
     assert summary["best_number"] == int(best["number"])

@@ -15,6 +15,18 @@ counts vector-Jacobian products through the cell f, the unit the device budgets 
   ``backward_max_iter - 1`` vector-Jacobian products (the last one of the budget is the product that carries
   y into the parameters). Iterations = adjoint iterations + 1, so they never exceed ``backward_max_iter``;
   with ``backward_max_iter = 1`` it is the one-step gradient.
+
+What the gradient path costs is recorded in ``stats`` as well (the simulated clock charges it, see
+fed_deq/fleet.py ``WorkCounts``), all counted on the whole batch because every call runs on the whole batch:
+
+- ``grad_evals`` (int64, per sample): evaluations of f with autograd in the forward pass. Every one of them
+  is differentiated into the cell's weights in backward (one weight-gradient product each).
+- ``vjp_calls`` (0-dim int64): batch-wide vector-Jacobian products with respect to the state, ``J_f(z)^T y``.
+  one-step 0 (its input ``z_eval`` is detached, only the weight gradient runs); phantom k - 1 (the first
+  step's input is detached); implicit: one per call of the adjoint solver, plus 1 because the final backward
+  through ``f(z_in)`` also fills the gradient of the leaf ``z_in`` (computed by autograd, not used).
+- ``adjoint_f_calls`` (0-dim int64): calls of the adjoint map by the implicit adjoint solver (0 otherwise);
+  they are included in ``vjp_calls`` and also cost the solver's own per-iteration work.
 """
 
 from __future__ import annotations
@@ -46,15 +58,17 @@ def attach_gradient(f: Callable[[Tensor], Tensor], z_eval: Tensor, *, mode: str,
     check_backward(mode, backward_max_iter, damping)
     z_star = z_eval.detach()
     batch = z_star.shape[0]
+    device = z_star.device
     if mode == "one-step":
         z = f(z_star)
-        _record_on_backward(z, stats, _constant_iterations(batch, 1, z_star.device))
+        _record_on_backward(z, stats, _cost(batch, device, iterations=1, grad_evals=1, vjp_calls=0))
         return z
     if mode == "phantom":
         z = z_star
         for _ in range(backward_max_iter):
             z = torch.lerp(z, f(z), damping) if damping != 1.0 else f(z)
-        _record_on_backward(z, stats, _constant_iterations(batch, backward_max_iter, z_star.device))
+        _record_on_backward(z, stats, _cost(batch, device, iterations=backward_max_iter,
+                                            grad_evals=backward_max_iter, vjp_calls=backward_max_iter - 1))
         return z
     return _implicit(f, z_star, backward_max_iter=backward_max_iter, solver=solver, tol=tol,
                      solver_options=solver_options, stats=stats)
@@ -75,7 +89,8 @@ def _implicit(f, z_star: Tensor, *, backward_max_iter: int, solver: str, tol: fl
         if solving[0]:
             return None
         if adjoint_budget == 0 or not bool(torch.isfinite(grad).all()):
-            stats["iterations"] = _constant_iterations(grad.shape[0], 1, grad.device)
+            # The one-step gradient: no adjoint solve, but the final backward still fills z_in's gradient.
+            stats.update(_cost(grad.shape[0], grad.device, iterations=1, grad_evals=1, vjp_calls=1))
             return grad
 
         def adjoint_map(y: Tensor) -> Tensor:
@@ -88,6 +103,9 @@ def _implicit(f, z_star: Tensor, *, backward_max_iter: int, solver: str, tol: fl
                                      **solver_options)
         finally:
             solving[0] = False
+        stats.update(_cost(grad.shape[0], grad.device, iterations=1, grad_evals=1,
+                           vjp_calls=int(adjoint_stats["f_calls"]) + 1,
+                           adjoint_f_calls=int(adjoint_stats["f_calls"])))
         stats["iterations"] = adjoint_stats["iterations"] + 1
         stats["adjoint_rel_residual"] = adjoint_stats["rel_residual"]
         stats["adjoint_converged"] = adjoint_stats["converged"]
@@ -97,12 +115,19 @@ def _implicit(f, z_star: Tensor, *, backward_max_iter: int, solver: str, tol: fl
     return z_out
 
 
-def _record_on_backward(z: Tensor, stats: dict, iterations: Tensor) -> None:
+def _record_on_backward(z: Tensor, stats: dict, values: dict[str, Tensor]) -> None:
     if z.requires_grad:
         def record(grad: Tensor) -> None:
-            stats["iterations"] = iterations
+            stats.update(values)
         z.register_hook(record)
 
 
-def _constant_iterations(batch: int, value: int, device) -> Tensor:
-    return torch.full((batch,), value, dtype=torch.int64, device=device)
+def _cost(batch: int, device, *, iterations: int, grad_evals: int, vjp_calls: int,
+          adjoint_f_calls: int = 0) -> dict[str, Tensor]:
+    """The backward stats of a gradient path: per-sample ``iterations``/``grad_evals``, batch-level counts."""
+    return {
+        "iterations": torch.full((batch,), iterations, dtype=torch.int64, device=device),
+        "grad_evals": torch.full((batch,), grad_evals, dtype=torch.int64, device=device),
+        "vjp_calls": torch.tensor(vjp_calls, dtype=torch.int64, device=device),
+        "adjoint_f_calls": torch.tensor(adjoint_f_calls, dtype=torch.int64, device=device),
+    }

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .flops import eigh_flops, fft_flops, matmul_flops, svd_flops
+
 CELL_KINDS = ("mlp", "conv1d", "conv2d")
 CONTRACTIONS = ("none", "spectral", "monotone")
 _INIT_NORM = 0.5        # operator norm of the recurrent weight at initialisation
@@ -128,6 +130,42 @@ class DEQCell(nn.Module):
         # Monotone convolutions cost three convolutions per step (direct, A, A^T); the mlp one folds into one.
         return 3 * one if (self.contraction == "monotone" and self.kind != "mlp") else one
 
+    def norm_flops(self, *, training: bool = True) -> float:
+        """FLOPs of one call of the weight normalisation that :meth:`bind` runs (once per model forward).
+
+        Per call, not per sample: the whole batch shares it. With ``training`` (autograd on) it includes the
+        backward of the part that autograd records; without, what an evaluation call computes. Estimates of
+        fed_deq/deq/flops.py (real multiply-add = 2 FLOPs, complex = 8; FFT 5 n log2 n, rfft half of it;
+        Golub-Van Loan counts for eigvalsh and SVD, x4 for complex); elementwise work is not charged.
+
+        - ``none``: 0.
+        - ``spectral``, mlp: ``matrix_norm(W, ord=2)``: SVD of the w x w weight, with U and V under autograd
+          (14 w^3 + 8 w^3), values only otherwise; backward ``U diag(g) V^H`` (2 w^3).
+        - ``spectral``, convolutions (:func:`conv_operator_norm` on the grid extended by ``k // 2``, N points,
+          F = rfft frequencies): rfft of the out x in kernels (out*in * 2.5 N log2 N); Gram matrices
+          ``M^H M`` (F complex in x out x in products); eigvalsh of them (F x 4/3 in^3, x4 complex); the SVD
+          of the worst frequency's out x in matrix (with U, V under autograd); backward: ``U diag(g) V^H``
+          (one complex out x q x in product) and the rfft's backward, a full complex FFT per kernel
+          (out*in * 5 N log2 N).
+        - ``monotone``, mlp: ``A^T A`` (2 w^3), the SVD values of ``I - W`` (no autograd), backward of ``A^T A``
+          (2 x 2 w^3).
+        - ``monotone``, convolutions: two operator norms without autograd (of ``A`` and ``B - B^T``): rfft,
+          Gram matrices, eigvalsh and the singular values of one frequency each; nothing in backward.
+        """
+        if self.contraction == "none":
+            return 0.0
+        w = self.width
+        if self.kind == "mlp":
+            if self.contraction == "spectral":
+                svd = svd_flops(w, w, vectors=training)
+                return svd + (matmul_flops(w, w, w) if training else 0.0)
+            gram = matmul_flops(w, w, w)
+            return gram + svd_flops(w, w, vectors=False) + (2 * matmul_flops(w, w, w) if training else 0.0)
+        shape = _weight_shape(self.kind, w, self.kernel_size)
+        if self.contraction == "spectral":
+            return conv_norm_flops(shape, self.spatial, with_grad=training)
+        return 2 * conv_norm_flops(shape, self.spatial, with_grad=False)
+
 
 def conv_operator_norm(weight: Tensor, spatial: tuple[int, ...]) -> Tensor:
     """Upper bound of the operator norm of the same-padded convolution with ``weight`` on a ``spatial`` grid.
@@ -143,6 +181,24 @@ def conv_operator_norm(weight: Tensor, spatial: tuple[int, ...]) -> Tensor:
         gram = matrices.mH @ matrices
         worst = int(torch.linalg.eigvalsh(gram)[:, -1].argmax())
     return torch.linalg.matrix_norm(matrices[worst], ord=2)
+
+
+def conv_norm_flops(weight_shape: tuple[int, ...], spatial: tuple[int, ...], *, with_grad: bool) -> float:
+    """FLOPs of one :func:`conv_operator_norm` call (and, ``with_grad``, of its backward); see
+    :meth:`DEQCell.norm_flops`."""
+    out_ch, in_ch, *kernel = weight_shape
+    sizes = [n + k // 2 for n, k in zip(spatial, kernel)]
+    points = math.prod(sizes)
+    freqs = math.prod(sizes[:-1]) * (sizes[-1] // 2 + 1)
+    signals = out_ch * in_ch
+    flops = fft_flops(points, kind="r2c", signals=signals)
+    flops += matmul_flops(in_ch, out_ch, in_ch, is_complex=True, batch=freqs)
+    flops += eigh_flops(in_ch, is_complex=True, batch=freqs)
+    flops += svd_flops(out_ch, in_ch, is_complex=True, vectors=with_grad)
+    if with_grad:
+        flops += matmul_flops(out_ch, min(out_ch, in_ch), in_ch, is_complex=True)
+        flops += fft_flops(points, kind="c2c", signals=signals)
+    return flops
 
 
 def _frequency_matrices(weight: Tensor, spatial: tuple[int, ...]) -> Tensor:

@@ -22,14 +22,21 @@ from torch import Tensor, nn
 
 from .backward import attach_gradient, check_backward
 from .cells import CELL_KINDS, DEQCell
-from .solvers import find_fixed_point
+from .solvers import find_fixed_point, iteration_flops
 
 _POOLED_SIDE = 4
 
 
 @dataclass
 class DEQOutput:
-    """What a DEQClassifier call returns."""
+    """What a DEQClassifier call returns.
+
+    ``forward_stats``: the solver's stats (per-sample ``iterations``, residuals, ``converged``) and
+    ``f_calls``, the 0-dim count of whole-batch f evaluations the solve ran. ``backward_stats`` (filled when
+    ``loss.backward()`` reaches the gradient path): per-sample ``iterations`` (backward iterations, the
+    budget unit) and ``grad_evals`` (f evaluations with autograd), and the whole-batch counts ``vjp_calls``
+    (vector-Jacobian products with respect to the state) and ``adjoint_f_calls`` (see backward.py).
+    """
 
     logits: Tensor
     z: Tensor                       # detached fixed point, usable as z0 of the next call (warm start)
@@ -115,6 +122,16 @@ class DEQClassifier(nn.Module):
     def overhead_flops(self) -> int:
         """FLOPs of the encoder and the head (forward), per sample."""
         return self._overhead_flops
+
+    def norm_flops(self, *, training: bool = True) -> float:
+        """FLOPs of one call of the cell's weight normalisation (once per forward, shared by the batch),
+        including its backward when ``training``; see :meth:`DEQCell.norm_flops`."""
+        return self.cell.norm_flops(training=training)
+
+    def solver_flops(self, solver: str, **options) -> float:
+        """Per-sample FLOPs a solver spends per iteration besides f on this model's state (upper bound);
+        see :func:`fed_deq.deq.solvers.iteration_flops`."""
+        return iteration_flops(solver, math.prod(self.state_shape), **options)
 
 
 def build_model(cell: str = "conv1d", input_shape: tuple[int, ...] = (40,), num_classes: int = 10, *,

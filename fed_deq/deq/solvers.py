@@ -14,6 +14,11 @@ residual (for a converged sample: the point where it converged), and the stats d
 ``abs_residual = ||f(z) - z||``, ``rel_residual = ||f(z) - z|| / ||f(z)||`` where ``z`` is the evaluated point.
 For a contraction, the returned ``f(z)`` is at least as close to the fixed point as ``z``.
 
+Cost: per-sample ``iterations`` say how long each sample was active, but ``f`` always runs on the whole batch,
+so a batched solve costs ``f_calls`` (a 0-dim int64 stat: the number of times ``f`` was called, counted by
+:func:`find_fixed_point` around the solver, whatever the solver does) whole-batch evaluations, i.e. until its
+slowest sample stops. :func:`iteration_flops` is the solver's own per-sample linear algebra per iteration.
+
 A sample whose ``f`` output is non-finite, or whose residual grows beyond ``divergence_factor`` times the
 problem's scale ``max(||z0||, ||f(z0)||, 1)``, is stopped as divergent: ``converged=False``, residuals ``inf``,
 and its returned iterate is its best finite one (``z0`` itself if the very first evaluation blew up).
@@ -24,7 +29,8 @@ equals its evaluation output at the same budget.
 
 A new solver is one function registered with :func:`register_solver`; it receives ``(f, z0, *, max_iter,
 tol, **its_options)`` on flattened ``[B, D]`` tensors, drives a :class:`FixedPointTracker` (one
-``observe`` per f call) and returns ``tracker.result()``.
+``observe`` per f call) and returns ``tracker.result()``; optionally with a FLOP formula for its own work per
+iteration (``register_solver(name, fn, iteration_flops=...)``).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .flops import lu_solve_flops, matmul_flops
 
 
 @dataclass
@@ -51,16 +58,21 @@ SolverFn = Callable[..., FixedPoint]
 
 # Name -> solver function. Filled at import time by @register_solver below.
 SOLVERS: dict[str, SolverFn] = {}
+# Name -> flops(dim, **options): the solver's own per-sample FLOPs per iteration (see iteration_flops).
+_ITERATION_FLOPS: dict[str, Callable[..., float]] = {}
 
 _REQUIRED_KEYWORDS = ("max_iter", "tol")
 _NORM_EPS = 1e-12
 
 
-def register_solver(name: str, fn: SolverFn | None = None):
+def register_solver(name: str, fn: SolverFn | None = None, *,
+                    iteration_flops: Callable[..., float] | None = None):
     """Register ``fn`` under ``name`` (usable as ``@register_solver("name")``).
 
     ``fn(f, z0, *, max_iter, tol, **options)`` must take ``max_iter`` and ``tol`` as keyword-only
     parameters; its other keyword-only parameters (with defaults) are the options ``solve`` accepts.
+    ``iteration_flops(dim, **options)``, if given, is an upper bound of the FLOPs the solver itself spends
+    per sample and iteration on ``[B, dim]`` states besides calling ``f`` (see :func:`iteration_flops`).
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"solver name must be a non-empty string, got {name!r}")
@@ -74,6 +86,10 @@ def register_solver(name: str, fn: SolverFn | None = None):
         if missing:
             raise ValueError(f"solver {name!r} must take keyword-only parameters {missing}")
         SOLVERS[name] = func
+        if iteration_flops is not None:
+            _ITERATION_FLOPS[name] = iteration_flops
+        else:
+            _ITERATION_FLOPS.pop(name, None)
         return func
 
     return _register if fn is None else _register(fn)
@@ -86,14 +102,34 @@ def solver_options(name: str) -> dict[str, object]:
             if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in _REQUIRED_KEYWORDS}
 
 
+def iteration_flops(name: str, dim: int, **options) -> float:
+    """Upper bound of the FLOPs solver ``name`` spends per sample on one step to its next iterate, besides
+    calling ``f``. A solve that calls f n times makes n - 1 such steps (after the last call it only returns).
+
+    Counted like torch's FlopCounterMode: matrix products at 2 FLOPs per multiply-add (elementwise work and
+    norms are not charged), with a full history (the first steps, with a shorter one, cost less).
+    ``dim`` is the per-sample state size D.
+    picard: 0. anderson (history m): 4 m D (Gram row and mixing products) + an m x m solve. broyden
+    (memory m): 12 m D (the step's two products and the update's four). A solver registered without a
+    formula costs 0. ``options`` are the solver's options (defaults apply for missing ones).
+    """
+    defaults = solver_options(name)
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for solver {name!r}; valid options: {sorted(defaults)}")
+    formula = _ITERATION_FLOPS.get(name)
+    return 0.0 if formula is None else float(formula(int(dim), **(defaults | options)))
+
+
 def solve(f: Callable[[Tensor], Tensor], z0: Tensor, *, solver: str, max_iter: int, tol: float,
           **options) -> tuple[Tensor, dict[str, Tensor]]:
     """Find z with f(z) = z for every sample of the batch-first ``z0``, under no_grad.
 
     Returns ``(z, stats)``: ``z`` has the shape of ``z0``; ``stats`` holds 1-D tensors of length B:
     ``iterations`` (int64, f evaluations spent on the sample), ``abs_residual``, ``rel_residual`` and
-    ``converged`` (bool). Raises ValueError for an unknown solver, an unknown option, a bad budget or
-    tolerance, or a ``z0`` that is not a finite floating tensor.
+    ``converged`` (bool); and ``f_calls``, a 0-dim int64 tensor: how many times f was called on the batch
+    (each call evaluates every sample, active or not). Raises ValueError for an unknown solver, an unknown
+    option, a bad budget or tolerance, or a ``z0`` that is not a finite floating tensor.
     """
     found = find_fixed_point(f, z0, solver=solver, max_iter=max_iter, tol=tol, **options)
     return found.z, found.stats
@@ -109,7 +145,10 @@ def find_fixed_point(f: Callable[[Tensor], Tensor], z0: Tensor, *, solver: str, 
     shape = z0.shape
     batch = shape[0]
 
+    calls = [0]
+
     def flat_f(z_flat: Tensor) -> Tensor:
+        calls[0] += 1
         out = f(z_flat.view(shape))
         if out.shape != shape:
             raise ValueError(f"f changed the shape of z: got {tuple(out.shape)}, expected {tuple(shape)}")
@@ -117,7 +156,9 @@ def find_fixed_point(f: Callable[[Tensor], Tensor], z0: Tensor, *, solver: str, 
 
     with torch.no_grad():
         found = fn(flat_f, z0.detach().reshape(batch, -1), max_iter=int(max_iter), tol=float(tol), **options)
-    return FixedPoint(found.z.view(shape), found.z_eval.view(shape), found.stats)
+    stats = dict(found.stats)
+    stats["f_calls"] = torch.tensor(calls[0], dtype=torch.int64, device=z0.device)
+    return FixedPoint(found.z.view(shape), found.z_eval.view(shape), stats)
 
 
 def _lookup(name: str) -> SolverFn:
@@ -257,7 +298,17 @@ class FixedPointTracker:
                           stats)
 
 
-@register_solver("picard")
+def _anderson_flops(dim: int, *, m: int, **_) -> float:
+    # Per iteration with a full history: Gram row bmm [m, D] x [D, 1], mixing bmm [1, m] x [m, D], m x m solve.
+    return matmul_flops(m, dim, 1) + matmul_flops(1, m, dim) + lu_solve_flops(m)
+
+
+def _broyden_flops(dim: int, *, m: int, **_) -> float:
+    # Step: V g and U^T (V g); update: U^T dz, (.) V, V g, U (.): six [m, D] products per iteration.
+    return 6 * matmul_flops(1, m, dim)
+
+
+@register_solver("picard", iteration_flops=lambda dim, **_: 0.0)
 def picard(f, z0: Tensor, *, max_iter: int, tol: float, relaxation: float = 1.0,
            divergence_factor: float = 1e4):
     """Fixed-point (Picard) iteration z <- z + relaxation * (f(z) - z)."""
@@ -274,7 +325,7 @@ def picard(f, z0: Tensor, *, max_iter: int, tol: float, relaxation: float = 1.0,
     return tracker.result()
 
 
-@register_solver("anderson")
+@register_solver("anderson", iteration_flops=_anderson_flops)
 def anderson(f, z0: Tensor, *, max_iter: int, tol: float, m: int = 5, lam: float = 1e-4,
              relaxation: float = 1.0, divergence_factor: float = 1e4):
     """Anderson acceleration (type II) with a history of ``m`` points.
@@ -334,7 +385,7 @@ def _anderson_weights(gram: Tensor, ones: Tensor, eye: Tensor, lam: float, newes
     return torch.where(ok, weights, fallback)
 
 
-@register_solver("broyden")
+@register_solver("broyden", iteration_flops=_broyden_flops)
 def broyden(f, z0: Tensor, *, max_iter: int, tol: float, m: int = 8, divergence_factor: float = 1e4):
     """Limited-memory ("good") Broyden root finding on g(z) = f(z) - z, without line search.
 

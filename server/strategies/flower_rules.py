@@ -1,29 +1,61 @@
-"""Flower's own aggregation rules, run behind the fleet layer (sampling, screening, clock)."""
+"""Flower's robust aggregation rules as fusers of fed-deq's round driver (composition, not inheritance).
 
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
+The driver screens replies and keeps the clock; for ``fedmedian``, ``fedtrimmedavg`` and ``krum`` it hands
+the accepted models to Flower's own strategy, wrapped in Messages that carry the server-known sample
+counts (never the client's).
+"""
 
-from server.strategies.fleet import FleetMixin
+from __future__ import annotations
 
+import numpy as np
+from flwr.app import ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app.constants import DEFAULT_TTL
+from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum, Strategy
 
-class FleetFedAvg(FleetMixin, FedAvg):
-    """FedAvg (McMahan et al. 2017): weights n_k / Σn."""
+from fed_deq.rounds import Arrays, Fuser
+from fed_deq.scenario import Scenario
+from server.records import from_array_record, to_array_record
 
-    weights_by_examples = True
-
-
-class FleetFedProx(FleetMixin, FedProx):
-    """FedProx (Li et al. 2020): FedAvg fusion; clients add μ/2‖w − w_global‖² locally."""
-
-    weights_by_examples = True
-
-
-class FleetFedMedian(FleetMixin, FedMedian):
-    """Coordinate-wise median (Yin et al. 2018)."""
-
-
-class FleetFedTrimmedAvg(FleetMixin, FedTrimmedAvg):
-    """Coordinate-wise trimmed mean (Yin et al. 2018), trimming a fraction ``beta`` at each end."""
+#: Federated evaluation is off: fed-deq evaluates centrally, at every tier's budget.
+_COMMON = {"fraction_evaluate": 0.0, "min_train_nodes": 1, "min_available_nodes": 1}
 
 
-class FleetKrum(FleetMixin, Krum):
-    """Krum (Blanchard et al. 2017): keeps the update closest to its neighbours."""
+def flower_strategy(scenario: Scenario) -> Strategy | None:
+    """Flower's strategy for a robust ``fusion.rule``, configured from the scenario; None for fed-deq's rules."""
+    f = scenario.fusion
+    factories = {
+        "fedmedian": lambda: FedMedian(**_COMMON),                                        # Yin et al. 2018
+        "fedtrimmedavg": lambda: FedTrimmedAvg(beta=f.trim_beta, **_COMMON),              # Yin et al. 2018
+        "krum": lambda: Krum(num_malicious_nodes=f.krum_malicious, **_COMMON),            # Blanchard et al. 2017
+    }
+    return factories[f.rule]() if f.rule in factories else None
+
+
+def robust_fuser(scenario: Scenario) -> Fuser | None:
+    """The driver's fuser for a robust rule (Flower's ``aggregate_train``), or None for fed-deq's own rules."""
+    strategy = flower_strategy(scenario)
+    if strategy is None:
+        return None
+
+    def fuse(server_round: int, reference: Arrays, arrays: list[Arrays], sizes: np.ndarray) -> Arrays:
+        messages = [_as_reply(a, n, node) for node, (a, n) in enumerate(zip(arrays, sizes), start=1)]
+        fused, _ = strategy.aggregate_train(server_round, messages)
+        if fused is None:
+            raise ValueError(f"{type(strategy).__name__} returned no model")
+        return {key: from_array_record(fused)[key].astype(ref.dtype, copy=False) for key, ref in reference.items()}
+
+    return fuse
+
+
+def _as_reply(arrays: Arrays, num_examples: float, node: int) -> Message:
+    """A screened model as the reply Message Flower's strategies aggregate."""
+    content = RecordDict({"arrays": to_array_record(arrays),
+                          "metrics": MetricRecord({"num-examples": float(num_examples)})})
+    # Explicit metadata: outside a running ServerApp (the bare loop) there is no task identity to borrow.
+    metadata = Metadata(run_id=0, message_id=f"fused-{node}", src_node_id=node, dst_node_id=0,
+                        reply_to_message_id="", group_id="", created_at=0.0, ttl=DEFAULT_TTL,
+                        message_type=MessageType.TRAIN, src_task_id=0, dst_task_id=0)
+    return Message(content=content, metadata=metadata)
+
+
+__all__ = ["ArrayRecord", "flower_strategy", "robust_fuser"]
