@@ -50,10 +50,19 @@ CONFIGS = {
 BASELINE = "fedavg"
 #: Accuracy swings by a few points from round to round: the decision figure is the mean of the last rounds.
 LATE_ROUNDS = 3
-#: Lying clients on the default scenario: every attack that forges a claim, one device each.
-LIARS = ("adversaries=[{tier: phone, count: 1, attack: inflate_examples}, {tier: phone, count: 1, attack: fake_time},"
-         " {tier: tablet, count: 1, attack: fake_residual}, {tier: tablet, count: 1, attack: fake_accuracy},"
-         " {tier: laptop, count: 1, attack: fake_steps}]")
+#: Lying clients on the default scenario: every attack that forges a claim, one device each (tier, attack).
+LIES = (("phone", "inflate_examples"), ("phone", "fake_time"), ("tablet", "fake_residual"),
+        ("tablet", "fake_accuracy"), ("laptop", "fake_steps"))
+
+
+def adversaries_override(entries) -> str:
+    """A ``--set adversaries=[...]`` value planting one device per (tier, attack) entry."""
+    return "adversaries=[" + ", ".join(f"{{tier: {t}, count: 1, attack: {a}}}" for t, a in entries) + "]"
+
+
+LIARS = adversaries_override(LIES)
+#: The same five devices (the draw depends on the entries' order, tiers and counts, not on the attack), silent.
+SILENT = adversaries_override((tier, "silent") for tier, _ in LIES)
 
 
 def shipped_label() -> str:
@@ -62,9 +71,6 @@ def shipped_label() -> str:
     return f"quality/{fusion.score}" if fusion.rule == "quality" else fusion.rule
 
 
-#: The same five devices (the draw depends on the entries' order, tiers and counts, not on the attack), silent.
-SILENT = LIARS.replace("inflate_examples", "silent").replace("fake_time", "silent").replace(
-    "fake_residual", "silent").replace("fake_accuracy", "silent").replace("fake_steps", "silent")
 #: The issue's own example: two phones inflating their sample counts.
 INFLATERS = "adversaries=[{tier: phone, count: 2, attack: inflate_examples}]"
 #: Adversary studies on the default scenario, against its shipped configuration: label → overrides.

@@ -8,7 +8,7 @@ counts (never the client's).
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.app.constants import DEFAULT_TTL
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum, Strategy
 
@@ -58,4 +58,4 @@ def _as_reply(arrays: Arrays, num_examples: float, node: int) -> Message:
     return Message(content=content, metadata=metadata)
 
 
-__all__ = ["ArrayRecord", "flower_strategy", "robust_fuser"]
+__all__ = ["flower_strategy", "robust_fuser"]
