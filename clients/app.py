@@ -9,10 +9,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fed_deq import adversary
-from fed_deq.fleet import Budget
 from fed_deq.scenario import parse_scenario_text
 from fed_deq.workload import run_client_round
-from server.records import from_array_record, to_array_record
+from wire.messages import read_train_request
+from wire.records import from_array_record, to_array_record
 
 app = ClientApp()
 
@@ -39,8 +39,8 @@ def train(msg: Message, context: Context) -> Message:
 
     A partition the scenario makes an adversary misbehaves as its attack says (fed_deq/adversary.py).
     """
-    config = msg.content["config"]
-    scenario = parse_scenario_text(str(config["scenario"]))
+    request = read_train_request(msg.content["config"])
+    scenario = parse_scenario_text(request.scenario_text)
     partition_id = _partition_id(context)
     attack = adversary.attack_of(scenario, partition_id)
     if attack == "silent":
@@ -49,11 +49,10 @@ def train(msg: Message, context: Context) -> Message:
         raise adversary.AdversaryCrash("silent client gave up")
     warm = context.state.array_records.get(_WARM_KEY)
     tier = str(context.node_config.get("tier", "")) or None
-    budget = Budget(forward=int(config["budget-forward"]), backward=int(config["budget-backward"]))
     result = run_client_round(
-        scenario, partition_id, int(config["server-round"]), from_array_record(msg.content["arrays"]),
-        budget=budget, tier=tier, warm_start=warm["z"].numpy() if warm is not None else None,
-        proximal_mu=float(config.get("proximal-mu", 0.0)), attack=attack,
+        scenario, partition_id, request.server_round, from_array_record(msg.content["arrays"]),
+        budget=request.budget, tier=tier, warm_start=warm["z"].numpy() if warm is not None else None,
+        proximal_mu=request.proximal_mu, attack=attack,
     )
     if result.warm_start.size:
         context.state[_WARM_KEY] = ArrayRecord({"z": Array(np.ascontiguousarray(result.warm_start))})

@@ -124,7 +124,7 @@ compose_for() {
   shift 2
   mkdir -p "$dir/runs"
   chown "$app_uid" "$dir/runs"
-  (cd "$root" && "$python" -m fed_deq.cli compose "$work/containers.yaml" --out "$dir/docker-compose.yml" \
+  (cd "$root" && "$python" -m tools.cli compose "$work/containers.yaml" --out "$dir/docker-compose.yml" \
     --run-name "$name" "$@") >/dev/null
 }
 

@@ -1,4 +1,4 @@
-"""Errors the command line turns into a one-line message and exit code 2."""
+"""The two failures the command line reports in one line: bad input (exit 2) and a failed run (exit 1)."""
 
 
 class InputError(ValueError):
@@ -7,3 +7,7 @@ class InputError(ValueError):
     The message is one line and names what is wrong, e.g.
     ``scenarios/x.yaml: training.rounds: must be an integer >= 1, got -3``.
     """
+
+
+class RunFailed(RuntimeError):
+    """A run started but could not finish (the CLI exits 1)."""

@@ -89,10 +89,6 @@ class Instruction:
     budget: fleet.Budget
     proximal_mu: float
 
-    def config(self) -> dict[str, int | float]:
-        """The fields the train message carries besides the model (wire names)."""
-        return {"budget-forward": self.budget.forward, "budget-backward": self.budget.backward,
-                "proximal-mu": self.proximal_mu}
 
 
 @dataclass

@@ -13,8 +13,10 @@ from flwr.serverapp import Grid
 from fed_deq.recorder import RunRecorder
 from fed_deq.rounds import OpenRound, Reply, RoundDriver, run_rounds
 from fed_deq.scenario import Scenario, dump_scenario
-from server.records import to_array_record, to_reply
+from server.records import to_reply
 from server.strategies import robust_fuser
+from wire.messages import train_message
+from wire.records import to_array_record
 
 log = logging.getLogger("fed_deq.server")
 
@@ -91,7 +93,7 @@ def flower_exchange(grid: Grid, partitions: dict[int, int], scenario_text: str, 
         live = set(grid.get_node_ids())
         arrays = to_array_record(open_round.reference)
         offline = [pid for pid in open_round.instructions if nodes.get(pid) not in live]
-        messages = [_train_message(open_round, instruction, arrays, nodes[pid], scenario_text)
+        messages = [train_message(open_round.server_round, instruction, arrays, nodes[pid], scenario_text)
                     for pid, instruction in open_round.instructions.items() if pid not in offline]
         replies = list(grid.send_and_receive(messages, timeout=timeout_s))
         # The Grid filled in the ids of what it sent; an error reply for a dead node comes from the SuperLink
@@ -100,14 +102,6 @@ def flower_exchange(grid: Grid, partitions: dict[int, int], scenario_text: str, 
         return [to_reply(m, partitions, sent_to) for m in replies], offline
 
     return exchange
-
-
-def _train_message(open_round: OpenRound, instruction, arrays, node_id: int, scenario_text: str) -> Message:
-    """One client's message, with its own RecordDict (Flower would share one across messages otherwise)."""
-    config = ConfigRecord({"server-round": open_round.server_round, "scenario": scenario_text,
-                           **instruction.config()})
-    return Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node_id,
-                   message_type=MessageType.TRAIN)
 
 
 def run_federation(grid: Grid, scenario: Scenario, out_dir: str | Path, *, name: str = "scenario",

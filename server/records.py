@@ -1,21 +1,11 @@
-"""Conversions between Flower records and the plain numpy data fed_deq works on."""
+"""A reply Message → the core's :class:`~fed_deq.rounds.Reply`, whatever the client put in it."""
 
 from __future__ import annotations
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Message
 
 from fed_deq.rounds import Reply
-
-
-def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    """Numpy arrays keyed by state-dict name → an ArrayRecord (order kept)."""
-    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
-
-
-def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """An ArrayRecord → numpy arrays keyed by name."""
-    return {name: array.numpy() for name, array in record.items()}
+from wire.records import from_array_record
 
 
 def to_reply(message: Message, partitions: dict[int, int], sent_to: dict[str, int] | None = None) -> Reply:

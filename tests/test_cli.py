@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def fed_deq(*args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the CLI as a user would (module entry point of this checkout)."""
     env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "fed_deq.cli", *args], cwd=cwd, env=env, text=True,
+    return subprocess.run([sys.executable, "-m", "tools.cli", *args], cwd=cwd, env=env, text=True,
                           capture_output=True, timeout=timeout)
 
 

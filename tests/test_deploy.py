@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fed_deq import deploy
-from fed_deq.cli import main as cli_main
+from tools import deploy
+from tools.cli import main as cli_main
 from fed_deq.errors import InputError
 from fed_deq.fleet import build_fleet
 from fed_deq.scenario import load_scenario

@@ -74,7 +74,7 @@ def test_facts_are_derived_by_the_server_and_the_budget_travels_in_the_instructi
         assert reply.metrics["num-examples"] == facts.num_examples
         assert reply.metrics["local-steps"] == facts.local_steps
         assert reply.metrics["budget-total"] == facts.budget.total
-        assert open_round.instructions[reply.partition_id].config()["budget-forward"] == facts.budget.forward
+        assert open_round.instructions[reply.partition_id].budget.forward == facts.budget.forward
     # The slow tier gets a smaller budget than the fast one: the budget follows the device, not the client.
     by_tier = {driver.facts[p].tier: driver.facts[p].budget.total for p in range(6)}
     assert by_tier["slow"] < by_tier["fast"]
@@ -101,7 +101,7 @@ def test_the_driver_matches_flowers_fedavg_on_the_same_replies(honest):
     from flwr.serverapp.strategy import FedAvg
 
     from server.strategies.flower_rules import _as_reply
-    from server.records import from_array_record
+    from wire.records import from_array_record
 
     _, driver, replies = honest
     arrays, _ = driver.close_round(_reopen(driver), replies)

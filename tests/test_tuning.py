@@ -16,11 +16,11 @@ import pytest
 from optuna.trial import FixedTrial, TrialState
 
 from clients.app import app as client_app
-from fed_deq import tuning
-from fed_deq.cli import main as cli_main
+from tools import tuning
+from tools.cli import main as cli_main
 from fed_deq.errors import InputError
 from fed_deq.results import read_metrics
-from fed_deq.runner import RunFailed
+from fed_deq.errors import RunFailed
 from fed_deq.scenario import FUSION_RULES, load_scenario
 from fed_deq.workload import fleet_size
 from server.federation import run_federation
@@ -268,7 +268,7 @@ def test_compare_unknown_rule_exits_2_naming_it_and_writes_nothing(tmp_path, cap
 def test_cli_tune_on_ray_then_best_yaml_validates_and_simulates_to_the_same_accuracy(tmp_path):
     env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1"}
     script = Path(sys.executable).parent / "fed-deq"  # the installed console script, as a user runs it
-    cli = [str(script)] if script.exists() else [sys.executable, "-m", "fed_deq.cli"]
+    cli = [str(script)] if script.exists() else [sys.executable, "-m", "tools.cli"]
     study = tmp_path / "study"
     tune = subprocess.run([*cli, "tune", str(DIGITS), "--trials", "1", "--set", "training.rounds=2",
                            "--out", str(study)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=400)

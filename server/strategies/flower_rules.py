@@ -14,7 +14,7 @@ from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum, Strategy
 
 from fed_deq.rounds import Arrays, Fuser
 from fed_deq.scenario import Scenario
-from server.records import from_array_record, to_array_record
+from wire.records import from_array_record, to_array_record
 
 #: Federated evaluation is off: fed-deq evaluates centrally, at every tier's budget.
 _COMMON = {"fraction_evaluate": 0.0, "min_train_nodes": 1, "min_available_nodes": 1}

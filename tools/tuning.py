@@ -5,7 +5,7 @@ study lives in ``DIR/optuna.db`` (sqlite) under a fixed name, so running the sam
 only the trials still missing to reach ``--trials`` run, and a trial a crash left RUNNING is marked failed and
 re-run with the same parameters. See docs/tuning.md.
 
-No Flower here: simulations go through a *runner* callable, by default ``fed_deq.runner.simulate`` (in this
+No Flower here: simulations go through a *runner* callable, by default ``tools.simulate.simulate`` (in this
 process) or a ``fed-deq simulate`` child process per trial when trials run in parallel.
 """
 
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fed_deq import fleet, results
-from fed_deq.errors import InputError
+from fed_deq.errors import InputError, RunFailed
 from fed_deq.scenario import FUSION_RULES, QUALITY_SCORES, Scenario, dump_scenario, parse_scenario
 
 OBJECTIVES = ("final_accuracy", "best_accuracy", "time_to_target")
@@ -99,20 +99,19 @@ def check_target(target: float) -> None:
 
 def run_in_process(scenario: Scenario, out_dir: Path, name: str) -> dict:
     """One simulation through Flower + Ray in this process (Ray starts and stops inside)."""
-    from fed_deq.runner import simulate
+    from tools.simulate import simulate
 
     return simulate(scenario, out_dir, name=name, progress=False)
 
 
 def run_in_subprocess(scenario: Scenario, out_dir: Path, name: str) -> dict:
     """One simulation in a ``fed-deq simulate`` child process: Ray is per process, so parallel trials need one each."""
-    from fed_deq.runner import RunFailed
 
     out_dir.mkdir(parents=True, exist_ok=True)
     source = out_dir / "input" / f"{name}.yaml"  # the file stem names the run
     source.parent.mkdir(exist_ok=True)
     dump_scenario(scenario, source)
-    command = [sys.executable, "-m", "fed_deq.cli", "simulate", str(source), "--out", str(out_dir), "--no-progress"]
+    command = [sys.executable, "-m", "tools.cli", "simulate", str(source), "--out", str(out_dir), "--no-progress"]
     with open(out_dir / "simulate.log", "w", encoding="utf-8") as log:
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
     if code in (130, -2):  # the child got the terminal's Ctrl-C too: the tune is being interrupted
@@ -189,7 +188,6 @@ def score_run(scenario: Scenario, metrics: Sequence[dict], objective: str, targe
     else:
         value = summary[objective]
     if value is None or not math.isfinite(float(value)):
-        from fed_deq.runner import RunFailed
 
         raise RunFailed(f"run has no {objective} (no round evaluated)")
     return float(value), figures
@@ -674,7 +672,7 @@ def _fmt(value: float | None) -> str:
 
 def register(subparsers) -> None:
     """Add the `tune` and `compare` sub-commands to the fed-deq parser."""
-    from fed_deq.cli import add_scenario_args
+    from tools.args import add_scenario_args
 
     p = subparsers.add_parser("tune", help="search the fusion rule's parameters with Optuna (resumable)")
     add_scenario_args(p, optional=False)
@@ -699,7 +697,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     """`fed-deq tune`: validate everything, then run the missing trials and print the best."""
     from rich.console import Console
 
-    from fed_deq.cli import load_from_args, scenario_name
+    from tools.args import load_from_args, scenario_name
 
     settings = TuneSettings(trials=args.trials, objective=args.objective, target=args.target,
                             search_rule=args.search_rule, jobs=args.jobs)
@@ -709,7 +707,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     console.print(f"[bold]fed-deq tune[/] {args.scenario}: {settings.trials} trials, {settings.objective} → {args.out}")
     summary = tune(scenario, args.out, settings, name=scenario_name(args), console=console)
     if summary["best_number"] is None:
-        from fed_deq.runner import RunFailed
 
         raise RunFailed(f"no trial completed ({summary['failed']} failed); see {args.out}/trials.csv")
     console.print(f"best trial #{summary['best_number']}: {settings.objective} = {summary['best_value']:.4g}  "
@@ -722,7 +719,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """`fed-deq compare`: validate the rules, run one simulation per rule, print the table."""
     from rich.console import Console
 
-    from fed_deq.cli import load_from_args, scenario_name
+    from tools.args import load_from_args, scenario_name
 
     rules = parse_rules(args.rules)
     check_target(args.target)

@@ -9,40 +9,10 @@ import sys
 from pathlib import Path
 
 from fed_deq.errors import InputError
+from tools.args import add_scenario_args, default_scenario, load_from_args, scenario_name
 
-DEFAULT_SCENARIO = "scenarios/default.yaml"
 #: Modules that add sub-commands through ``register(subparsers)``; each is imported only when present.
-COMMAND_MODULES = ("fed_deq.deploy", "fed_deq.tuning")
-
-
-def _default_scenario() -> str:
-    """scenarios/default.yaml from the working directory, else the one shipped beside the package."""
-    local = Path(DEFAULT_SCENARIO)
-    if local.exists():
-        return str(local)
-    return str(Path(__file__).resolve().parent.parent / DEFAULT_SCENARIO)
-
-
-def add_scenario_args(parser: argparse.ArgumentParser, *, optional: bool = True) -> None:
-    """SCENARIO and repeated --set key.path=value, shared by every command that runs a scenario."""
-    if optional:
-        parser.add_argument("scenario", nargs="?", default=None, help=f"scenario YAML (default {DEFAULT_SCENARIO})")
-    else:
-        parser.add_argument("scenario", help="scenario YAML")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="override one scenario value, e.g. --set training.rounds=3 (repeatable)")
-
-
-def load_from_args(args: argparse.Namespace):
-    """The scenario named on the command line, with its overrides, validated."""
-    from fed_deq.scenario import load_scenario
-
-    return load_scenario(args.scenario or _default_scenario(), overrides=args.overrides)
-
-
-def scenario_name(args: argparse.Namespace) -> str:
-    """The scenario's file stem, used to name runs and outputs."""
-    return Path(args.scenario or _default_scenario()).stem
+COMMAND_MODULES = ("tools.deploy", "tools.tuning")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -51,13 +21,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     from fed_deq.recorder import summary_table
     from fed_deq.results import read_metrics
-    from fed_deq.runner import simulate
+    from tools.simulate import simulate
 
     scenario = load_from_args(args)
     name = scenario_name(args)
     out_dir = Path(args.out) if args.out else Path("runs") / name
     console = Console(stderr=True)
-    console.print(f"[bold]fed-deq[/] simulating [cyan]{args.scenario or _default_scenario()}[/] → {out_dir}")
+    console.print(f"[bold]fed-deq[/] simulating [cyan]{args.scenario or default_scenario()}[/] → {out_dir}")
     summary = simulate(scenario, out_dir, name=name, progress=not args.no_progress)
     console.print(summary_table(summary, read_metrics(out_dir / "metrics.jsonl")))
     console.print(f"outputs in {out_dir}/ (metrics.jsonl, summary.json, scenario.yaml, accuracy.png)")
@@ -106,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print("fed-deq: interrupted; finished rounds are kept in metrics.jsonl", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - an expected failure of a run, reported in one line
-        from fed_deq.runner import RunFailed
+        from fed_deq.errors import RunFailed
 
         if isinstance(exc, RunFailed):
             print(f"fed-deq: run failed: {exc}", file=sys.stderr)

@@ -8,13 +8,10 @@ import threading
 import warnings
 from pathlib import Path
 
+from fed_deq.errors import RunFailed
 from fed_deq.scenario import Scenario
 
 FLOWER_ENV = {"FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
-
-
-class RunFailed(RuntimeError):
-    """The simulation started but could not finish (the CLI exits 1)."""
 
 
 def quiet_flower() -> None:
