@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fed_deq import fleet
+from fed_deq import fleet, seeding
 from fed_deq.scenario import Scenario, adversary_count
 
 Arrays = dict[str, np.ndarray]
@@ -35,12 +35,12 @@ def assign(scenario: Scenario) -> dict[int, str]:
     Entries are served in file order; each draws its devices among the tier's partitions that no earlier
     entry took.
     """
-    devices = fleet.build_fleet(scenario)
+    layout = fleet.tier_layout(scenario)
     taken: dict[int, str] = {}
     for index, entry in enumerate(scenario.adversaries):
-        pool = [d.partition_id for d in devices if d.tier == entry.tier and d.partition_id not in taken]
-        count = adversary_count(entry, sum(d.tier == entry.tier for d in devices))
-        chosen = fleet.rng(scenario.seed, "adversaries", index).choice(pool, size=count, replace=False)
+        pool = [pid for pid, tier in enumerate(layout) if tier == entry.tier and pid not in taken]
+        count = adversary_count(entry, layout.count(entry.tier))
+        chosen = seeding.rng(scenario.seed, "adversaries", index).choice(pool, size=count, replace=False)
         taken.update({int(pid): entry.attack for pid in chosen})
     return dict(sorted(taken.items()))
 

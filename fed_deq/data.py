@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fed_deq.errors import InputError
-from fed_deq.fleet import rng
+from fed_deq.seeding import rng
 
 PARTITION_KINDS = ("iid", "dirichlet", "pathological")
 IMAGE_KEYS = ("image", "img")

@@ -1,53 +1,25 @@
 """Simulated devices: tiers, per-round iteration budgets, the simulated clock and every fleet-level draw.
 
-Pure python + numpy (no Flower, no torch). Every random draw comes from ``rng(seed, *keys)`` with keys that
+Pure python + numpy (no Flower, no torch). Every random draw comes from ``seeding.rng(seed, *keys)`` with keys that
 name what is drawn (``"availability", round`` or ``"straggler", round, partition_id``), so a draw never
 depends on the order in which draws are made.
 """
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
+from fed_deq.errors import InputError
+from fed_deq.seeding import rng
 from fed_deq.scenario import Scenario, resolve_clients_per_round, tier_counts
 
 BYTES_PER_PARAM = 4  # float32
 BITS_PER_BYTE = 8
-
-
-def rng(seed: int, *keys: int | str) -> np.random.Generator:
-    """A generator for one named draw, derived from the scenario seed with numpy's SeedSequence.
-
-    Keys are stable ints or strings (round number, partition id, a name). They are hashed with a
-    length-prefixed encoding first, because SeedSequence pads short entropy with zeros and splits big
-    ints into 32-bit words: ``SeedSequence([s, 3])`` equals ``SeedSequence([s, 3, 0])``, which would make
-    ``rng(s, "x", 0)`` and ``rng(s, "x")`` the same stream.
-    """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    digest = hashlib.sha256()
-    for key in keys:
-        digest.update(_encode_key(key))
-    words = np.frombuffer(digest.digest(), dtype=np.uint32)
-    return np.random.default_rng(np.random.SeedSequence([int(seed), *(int(w) for w in words)]))
-
-
-def _encode_key(key: int | str) -> bytes:
-    if isinstance(key, (bool, np.bool_)):
-        raise TypeError(f"rng keys must be ints or strings, got {key!r}")
-    if isinstance(key, (int, np.integer)):
-        tag, text = b"i", str(int(key))
-    elif isinstance(key, str):
-        tag, text = b"s", key
-    else:
-        raise TypeError(f"rng keys must be ints or strings, got {type(key).__name__} {key!r}")
-    data = text.encode("utf-8")
-    return tag + len(data).to_bytes(8, "little") + data
 
 
 @dataclass(frozen=True)
@@ -95,22 +67,36 @@ class RoundPlan:
 def build_fleet(scenario: Scenario) -> list[Device]:
     """All devices, index = partition id; tiers are spread over partition ids by a seeded shuffle."""
     tiers = {tier.name: tier for tier in scenario.fleet.tiers}
-    labels = [name for name, count in tier_counts(scenario).items() for _ in range(count)]
-    order = rng(scenario.seed, "fleet", "tiers").permutation(len(labels))
-    fleet = []
-    for partition_id, label_index in enumerate(order):
-        tier = tiers[labels[label_index]]
-        fleet.append(Device(
-            partition_id=partition_id,
-            tier=tier.name,
-            compute_flops=tier.compute_gflops * 1e9,
-            bandwidth_bps=tier.bandwidth_mbps * 1e6,
-            availability=tier.availability,
-            dropout=tier.dropout,
-            straggler_prob=tier.straggler_prob,
-            straggler_slowdown=tier.straggler_slowdown,
-        ))
-    return fleet
+    return [device_from_tier(tiers[name], pid) for pid, name in enumerate(tier_layout(scenario))]
+
+
+def device_of(scenario: Scenario, partition_id: int) -> Device:
+    """One partition's device, without building the others (a client needs only its own)."""
+    layout = tier_layout(scenario)
+    if not 0 <= partition_id < len(layout):
+        raise InputError(f"partition-id {partition_id} is outside the fleet of {len(layout)} clients")
+    tier = next(t for t in scenario.fleet.tiers if t.name == layout[partition_id])
+    return device_from_tier(tier, partition_id)
+
+
+def tier_layout(scenario: Scenario) -> tuple[str, ...]:
+    """The tier name of every partition id: tier labels in a permutation drawn from the scenario seed."""
+    return _tier_layout(scenario.seed, tuple(tier_counts(scenario).items()))
+
+
+@functools.lru_cache(maxsize=16)
+def _tier_layout(seed: int, counts: tuple[tuple[str, int], ...]) -> tuple[str, ...]:
+    # Memoised on plain values: every reply of a round asks for its client's tier.
+    labels = [name for name, count in counts for _ in range(count)]
+    order = rng(seed, "fleet", "tiers").permutation(len(labels))
+    return tuple(labels[i] for i in order)
+
+
+def device_from_tier(tier, partition_id: int) -> Device:
+    """A device with a tier's figures (``tier`` is a scenario TierConfig) serving ``partition_id``."""
+    return Device(partition_id=partition_id, tier=tier.name, compute_flops=tier.compute_gflops * 1e9,
+                  bandwidth_bps=tier.bandwidth_mbps * 1e6, availability=tier.availability, dropout=tier.dropout,
+                  straggler_prob=tier.straggler_prob, straggler_slowdown=tier.straggler_slowdown)
 
 
 def model_bytes(num_params: int) -> int:

@@ -25,27 +25,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fed_deq import adversary, fleet, fusion, workload
+from fed_deq import adversary, fleet, fusion, screening, workload
 from fed_deq.audit import Auditor
 from fed_deq.scenario import Scenario
+from fed_deq.screening import ClientFacts, Dropped, Rejected
 
 Arrays = dict[str, np.ndarray]
-
-#: Metrics every training reply must carry; anything missing is rejected before it reaches the fusion.
-REQUIRED_METRICS = (
-    "num-examples", "local-steps", "forward-iterations", "backward-iterations", "budget-total", "budget-share",
-    "rel-residual", "val-accuracy", "val-rel-residual", "sim-time-s", "server-round", "partition-id",
-    "work-solve-evals", "work-grad-evals", "work-vjp-evals", "work-samples", "work-norm-calls", "work-solver-steps",
-)
-#: Relative tolerance on the simulated time a client claims against the server's clock (same formula).
-TIME_TOLERANCE = 1e-3
-#: The server re-evaluates a client's model with the client's own call; on the same machine the numbers agree
-#: to the bit, but another CPU or BLAS may round differently, flip a near-tie of one prediction or stop one
-#: sample's solve an iteration apart. So: one correct sample of slack, and a relative tolerance on the residual.
-ACCURACY_SLACK_SAMPLES = 1
-RESIDUAL_TOLERANCE = 1e-3
-#: Work counts may exceed the budget's bound by this much before a reply is rejected (float sums).
-WORK_SLACK = 1e-6
 
 #: A robust aggregation rule provided by an adapter (Flower's FedMedian, FedTrimmedAvg, Krum):
 #: (server round, reference arrays, client arrays, server-known sizes) -> fused arrays.
@@ -65,20 +50,6 @@ class Reply:
     metrics: dict[str, float] | None = None
     error: str | None = None
     problem: str | None = None
-
-
-@dataclass(frozen=True)
-class ClientFacts:
-    """What the server derives about one partition from the scenario alone."""
-
-    partition_id: int
-    tier: str
-    num_examples: int          # training samples (partition minus its validation split)
-    num_val: int
-    local_steps: int
-    budget: fleet.Budget
-    budget_share: float
-    max_work: fleet.WorkCounts
 
 
 @dataclass(frozen=True)
@@ -163,14 +134,6 @@ class _Checked:
     sim_time_s: float
     val_accuracy: float
     val_residual: float
-
-
-class Rejected(Exception):
-    """A reply fails a check; the message is the reason recorded in metrics.jsonl."""
-
-
-class Dropped(Exception):
-    """A reply arrived after the deadline (by the server's clock)."""
 
 
 class RoundDriver:
@@ -278,31 +241,20 @@ class RoundDriver:
 
     def _check(self, open_round: OpenRound, reply: Reply) -> _Checked:
         """Every per-reply check, cheapest first; raises Rejected or Dropped with the reason."""
-        if reply.problem is not None:
-            raise Rejected(reply.problem)
-        pid = reply.partition_id
-        if pid is None:
-            raise Rejected(f"reply from node {reply.node_id}, which serves no known partition")
-        if pid not in open_round.instructions:
-            raise Rejected("reply from a client not asked to train this round")
-        reason = fusion.screen_update(reply.arrays or {}, open_round.reference, reply.metrics or {},
-                                      REQUIRED_METRICS)
-        if reason is not None:
-            raise Rejected(reason)
+        pid = screening.check_sender(reply.problem, reply.partition_id, reply.node_id, open_round.instructions)
+        screening.check_payload(reply.arrays, reply.metrics, open_round.reference)
         metrics, facts = reply.metrics, self.facts[pid]
-        _check_identity(metrics, open_round.server_round, pid)
-        _check_ranges(metrics, facts)
-        _check_claims(metrics, facts)
+        screening.check_identity(metrics, open_round.server_round, pid)
+        screening.check_ranges(metrics, facts)
+        screening.check_claims(metrics, facts)
         sim_time = self._server_time(open_round, reply, facts)
-        claimed = float(metrics["sim-time-s"])
-        if abs(claimed - sim_time) > TIME_TOLERANCE * max(sim_time, 1e-9):
-            raise Rejected(f"sim-time-s claims {claimed:.4g}s, the server's clock says {sim_time:.4g}s")
+        screening.check_time(float(metrics["sim-time-s"]), sim_time)
         deadline = self.scenario.training.deadline_s
         if sim_time > deadline:
             open_round.report.client_sim_time_s[pid] = sim_time
             raise Dropped(f"straggler: {sim_time:.2f}s > deadline {deadline:g}s (server's clock)")
         val = self.auditor.validation(reply.arrays, pid, facts.budget)
-        _check_validation(metrics, val, facts)
+        screening.check_validation(metrics, val, facts)
         open_round.report.client_sim_time_s[pid] = sim_time
         return _Checked(reply=reply, facts=facts, sim_time_s=sim_time,
                         val_accuracy=float(val.accuracy) if val.num_examples else 0.0,
@@ -398,7 +350,7 @@ class RoundDriver:
         else:
             fused = self.robust_fuser(open_round.server_round, open_round.reference, arrays, sizes)
             weights = None  # robust rules pick coordinates, not clients: no per-client weight to report
-        _check_fused(fused, open_round.reference)
+        screening.check_fused(fused, open_round.reference)
         if weights is not None:
             report.fusion_weights = dict(zip(pids, map(float, weights)))
         return fused
@@ -415,74 +367,6 @@ class RoundDriver:
             probe_loss=[probe.get(c.facts.partition_id, math.inf) for c in accepted] if f.score == "probe" else None,
             beta=f.beta,
         )
-
-
-# --- per-reply checks (each raises Rejected with a reason that names the symptom) ---------------------------
-
-
-def _check_identity(metrics: dict, server_round: int, pid: int) -> None:
-    if int(metrics["server-round"]) != server_round:
-        raise Rejected(f"late reply from round {int(metrics['server-round'])}")
-    if int(metrics["partition-id"]) != pid:
-        raise Rejected(f"partition-id {int(metrics['partition-id'])} claimed by the node serving partition {pid}")
-
-
-def _check_ranges(metrics: dict, facts: ClientFacts) -> None:
-    b = facts.budget
-    bounds = {
-        "rel-residual": (0.0, math.inf), "val-rel-residual": (0.0, math.inf), "val-accuracy": (0.0, 1.0),
-        "sim-time-s": (0.0, math.inf), "compute-s": (0.0, math.inf), "comm-s": (0.0, math.inf),
-        "train-loss": (0.0, math.inf), "budget-share": (0.0, 1.0),
-        "forward-iterations": (0.0, b.forward + WORK_SLACK), "backward-iterations": (0.0, b.backward + WORK_SLACK),
-        "work-solve-evals": (0.0, math.inf), "work-grad-evals": (0.0, math.inf), "work-vjp-evals": (0.0, math.inf),
-        "work-samples": (0.0, math.inf), "work-norm-calls": (0.0, math.inf), "work-solver-steps": (0.0, math.inf),
-    }
-    for name, (low, high) in bounds.items():
-        if name in metrics and not low <= float(metrics[name]) <= high:
-            raise Rejected(f"{name} {float(metrics[name]):.4g} out of range [{low:g}, {high:g}]")
-
-
-def _check_claims(metrics: dict, facts: ClientFacts) -> None:
-    """Sizes, steps, budget and work against what the server derived."""
-    if float(metrics["num-examples"]) != facts.num_examples:
-        raise Rejected(f"num-examples {float(metrics['num-examples']):.6g} but partition {facts.partition_id} "
-                       f"holds {facts.num_examples} training samples (server-known)")
-    if float(metrics["local-steps"]) != facts.local_steps:
-        raise Rejected(f"local-steps {float(metrics['local-steps']):.6g} but {facts.num_examples} samples make "
-                       f"{facts.local_steps} steps (server-known)")
-    if float(metrics["budget-total"]) != facts.budget.total:
-        raise Rejected(f"budget-total {float(metrics['budget-total']):.6g} but the server assigned "
-                       f"{facts.budget.total} iterations")
-    bound = facts.max_work
-    if float(metrics["work-samples"]) != bound.samples:
-        raise Rejected(f"work-samples {float(metrics['work-samples']):.6g} but {facts.num_examples} samples "
-                       f"give {bound.samples:g} sample passes")
-    for name, limit in (("work-solve-evals", bound.solve_evals), ("work-grad-evals", bound.grad_evals),
-                        ("work-vjp-evals", bound.vjp_evals), ("work-norm-calls", bound.norm_calls),
-                        ("work-solver-steps", bound.solver_steps)):
-        if float(metrics[name]) > limit * (1 + WORK_SLACK) + WORK_SLACK:
-            raise Rejected(f"{name} {float(metrics[name]):.6g} exceeds what the assigned budget allows ({limit:g})")
-
-
-def _check_validation(metrics: dict, val, facts: ClientFacts) -> None:
-    """The accuracy and residual claimed on the validation split against the server's own re-evaluation."""
-    n = facts.num_val
-    measured_acc = float(val.accuracy) if val.num_examples else 0.0
-    claimed_acc = float(metrics["val-accuracy"])
-    if abs(round(claimed_acc * max(n, 1)) - round(measured_acc * max(n, 1))) > ACCURACY_SLACK_SAMPLES:
-        raise Rejected(f"val-accuracy {claimed_acc:.4g} but the server measures {measured_acc:.4g} on the "
-                       f"client's {n} validation samples")
-    measured_res, claimed_res = float(val.rel_residual), float(metrics["val-rel-residual"])
-    if abs(claimed_res - measured_res) > RESIDUAL_TOLERANCE * max(measured_res, 1e-3):
-        raise Rejected(f"val-rel-residual {claimed_res:.4g} but the server measures {measured_res:.4g} on the "
-                       f"client's validation samples")
-
-
-def _check_fused(fused: Arrays, reference: Arrays) -> None:
-    """A fused model must have the reference's layout and finite values, or the round keeps the old model."""
-    reason = fusion.screen_update(fused, reference, {}, ())
-    if reason is not None:
-        raise ValueError(f"fused model unusable: {reason}")
 
 
 # --- the run loop --------------------------------------------------------------------------------------------

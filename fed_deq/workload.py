@@ -5,16 +5,14 @@ The Flower adapters in ``clients/`` and ``server/`` only translate Messages to t
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from fed_deq import adversary, data, fleet
+from fed_deq import adversary, data, fleet, seeding
 from fed_deq.deq import build_model
-from fed_deq.errors import InputError
 from fed_deq.scenario import Scenario, num_clients, resolve_tier
 from fed_deq.training import LocalTrainConfig, evaluate, train_local
 
@@ -34,7 +32,7 @@ def build_scenario_model(scenario: Scenario, bundle: data.DataBundle) -> nn.Modu
     m = scenario.model
     return build_model(cell=m.cell, input_shape=tuple(bundle.input_shape), num_classes=bundle.num_classes,
                        width=m.width, contraction=m.contraction, spectral_gain=m.spectral_gain,
-                       seed=int(fleet.rng(scenario.seed, "model-init").integers(2**31)))
+                       seed=int(seeding.rng(scenario.seed, "model-init").integers(2**31)))
 
 
 def model_arrays(model: nn.Module) -> Arrays:
@@ -69,14 +67,10 @@ def fleet_size(scenario: Scenario) -> int:
 
 def client_device(scenario: Scenario, partition_id: int, tier: str | None = None) -> fleet.Device:
     """The simulated device of a partition; a deployment may pin the tier through node config."""
-    devices = fleet.build_fleet(scenario)
-    if not 0 <= partition_id < len(devices):
-        raise InputError(f"partition-id {partition_id} is outside the fleet of {len(devices)} clients")
-    device = devices[partition_id]
+    device = fleet.device_of(scenario, partition_id)
     if tier is None or tier == device.tier:
         return device
-    template = next(d for d in devices if d.tier == resolve_tier(scenario, tier).name)
-    return dataclasses.replace(template, partition_id=partition_id)
+    return fleet.device_from_tier(resolve_tier(scenario, tier), partition_id)
 
 
 def plan_client_budget(scenario: Scenario, device: fleet.Device, model: nn.Module, samples: int) -> fleet.Budget:
@@ -151,7 +145,7 @@ def run_client_round(
                            backward=m.backward, proximal_mu=proximal_mu)
     if warm_start is not None and (not t.warm_start or len(warm_start) != len(local.y_train)):
         warm_start = None
-    gen = torch.Generator().manual_seed(int(fleet.rng(scenario.seed, "shuffle", server_round,
+    gen = torch.Generator().manual_seed(int(seeding.rng(scenario.seed, "shuffle", server_round,
                                                       partition_id).integers(2**31)))
     result, bank = train_local(model, local.x_train, local.y_train, cfg=cfg, forward_budget=budget.forward,
                                backward_budget=budget.backward, generator=gen, warm_start=warm_start,
@@ -206,13 +200,15 @@ def _round_metrics(scenario, budget, result, val, server_round, partition_id, co
 
 def tier_eval_budgets(scenario: Scenario, model: nn.Module) -> dict[str, int]:
     """Forward budget a typical device of each tier affords (mean partition size), for per-tier evaluation."""
-    devices = fleet.build_fleet(scenario)
+    layout = fleet.tier_layout(scenario)
     bundle = scenario_data(scenario)
-    samples = max(1, int(len(bundle.y_train) * (1 - scenario.dataset.validation_fraction) / len(devices)))
+    samples = max(1, int(len(bundle.y_train) * (1 - scenario.dataset.validation_fraction) / len(layout)))
+    tiers = {tier.name: tier for tier in scenario.fleet.tiers}
     budgets: dict[str, int] = {}
-    for device in devices:
-        if device.tier not in budgets:
-            budgets[device.tier] = plan_client_budget(scenario, device, model, samples).forward
+    for pid, name in enumerate(layout):  # tiers in the order their first device appears, as before
+        if name not in budgets:
+            device = fleet.device_from_tier(tiers[name], pid)
+            budgets[name] = plan_client_budget(scenario, device, model, samples).forward
     return budgets
 
 

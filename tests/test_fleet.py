@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fed_deq.seeding import rng
 from fed_deq.fleet import (
     Budget,
     Device,
@@ -18,7 +19,6 @@ from fed_deq.fleet import (
     model_bytes,
     plan_budget,
     plan_round,
-    rng,
     round_time,
     split_budget,
     straggler_slowdown,

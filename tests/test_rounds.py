@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from fed_deq import adversary, fusion, rounds
+from fed_deq import adversary, fusion, screening
 from fed_deq.rounds import Reply, RoundDriver
 from fed_deq.scenario import load_scenario
 from fed_deq.workload import run_client_round
@@ -93,8 +93,8 @@ def test_honest_replies_are_all_accepted_with_fedavg_weights_from_server_known_s
         np.testing.assert_allclose(arrays[key], expected[key], rtol=1e-6, atol=1e-7)
     # The server's clock agrees with what the clients claim, and the round lasts as long as the slowest.
     claimed = {r.partition_id: r.metrics["sim-time-s"] for r in replies}
-    assert report.client_sim_time_s == pytest.approx(claimed, rel=rounds.TIME_TOLERANCE)
-    assert report.round_sim_time_s == pytest.approx(max(claimed.values()), rel=rounds.TIME_TOLERANCE)
+    assert report.client_sim_time_s == pytest.approx(claimed, rel=screening.TIME_TOLERANCE)
+    assert report.round_sim_time_s == pytest.approx(max(claimed.values()), rel=screening.TIME_TOLERANCE)
 
 
 def test_the_driver_matches_flowers_fedavg_on_the_same_replies(honest):
