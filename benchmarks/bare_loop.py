@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:
 from fed_deq import adversary  # noqa: E402 - after the path fix so the script runs from anywhere
 from fed_deq.recorder import RunRecorder  # noqa: E402
 from fed_deq.rounds import Exchange, OpenRound, Reply, RoundDriver, run_rounds  # noqa: E402
+from fed_deq.rules import FUSION_RULES  # noqa: E402
 from fed_deq.scenario import Scenario, load_scenario  # noqa: E402
 from fed_deq.workload import run_client_round  # noqa: E402
 
@@ -57,7 +58,7 @@ def bare_loop(scenario: Scenario, out_dir: str | Path, *, name: str = "scenario"
     """Run every round of ``scenario`` sequentially; write the run's files to ``out_dir``; return the summary."""
     out_dir = Path(out_dir)
     fuser = None
-    if scenario.fusion.rule in ("fedmedian", "fedtrimmedavg", "krum"):
+    if FUSION_RULES[scenario.fusion.rule].adapter == "flower":
         from server.strategies import robust_fuser  # Flower's rules; imported only when asked for
 
         fuser = robust_fuser(scenario)

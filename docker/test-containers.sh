@@ -144,6 +144,19 @@ except Exception: print(0)')
   fail "only $online of $count SuperNodes online"
 }
 
+# wait_round_one OUT: until the run's progress marker (progress.json, which the ServerApp's recorder rewrites
+# beside metrics.jsonl in the mounted runs/ folder) shows round 1 under way.
+wait_round_one() {
+  local marker="$1/progress.json"
+  for _ in $(seq 300); do
+    "$python" -c 'import json, sys
+p = json.load(open(sys.argv[1]))
+sys.exit(0 if p["running_round"] or p["rounds_done"] else 1)' "$marker" 2>/dev/null && return
+    sleep 1
+  done
+  fail "round 1 did not start within 300 s ($marker)"
+}
+
 # sample_memory: peak memory of every container of the project while a run is going (for docs/benchmarks.md).
 sample_memory() {
   while true; do
@@ -195,7 +208,7 @@ run_pass_tls_kill() {
   wait_online fed-deq-tls 4
   timeout 900 docker-compose -p "$project" "${compose_files[@]}" run --rm -T submit >"$work/pass2.log" 2>&1 &
   local submit=$!
-  for _ in $(seq 300); do grep -q '\[ROUND 1/' "$work/pass2.log" && break; sleep 1; done
+  wait_round_one "$dir/runs/containers-tls-kill"
   sleep 2
   docker-compose -p "$project" "${compose_files[@]}" kill "$victim" >/dev/null 2>&1
   log "killed $victim"

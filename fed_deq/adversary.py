@@ -13,7 +13,8 @@ attacks (sign flip, scaling, ALIE, ...) are new entries of the same table.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 
 import numpy as np
 
@@ -107,7 +108,7 @@ def _first_float_key(arrays: Arrays) -> str:
 
 
 #: Attack name → what it does to an honest reply.
-ATTACKS: dict[str, Attack] = {
+ATTACKS: Mapping[str, Attack] = MappingProxyType({
     "inflate_examples": _inflate_examples,                  # 1000x its sample count, to grab the weight
     "fake_residual": _set(**{"rel-residual": 0.0, "val-rel-residual": 0.0}),   # "perfectly converged"
     "fake_accuracy": _set(**{"val-accuracy": 1.0}),         # "perfect on my validation data"
@@ -118,4 +119,4 @@ ATTACKS: dict[str, Attack] = {
     "wrong_shape": _wrong_shape,                            # one weight one element short
     "crash": _crash,                                        # raises
     "silent": _silent,                                      # never replies
-}
+})

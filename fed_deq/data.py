@@ -1,4 +1,4 @@
-"""Datasets, federated partitions and per-client train/validation splits.
+"""Datasets, federated partitions and per-client train/validation splits (hub datasets: fed_deq/hub.py).
 
 ``load_dataset`` and the partition lists are memoised with ``functools.lru_cache``: a Flower client process
 serves many partitions and rounds, and regenerating MNIST-1D or repartitioning 20,000 labels per message
@@ -13,22 +13,18 @@ import functools
 import math
 import random
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 
 from fed_deq.errors import InputError
+from fed_deq.hub import from_hf_dataset, load_hub  # noqa: F401 - from_hf_dataset is part of this module's API
 from fed_deq.seeding import rng
-
-PARTITION_KINDS = ("iid", "dirichlet", "pathological")
-IMAGE_KEYS = ("image", "img")
-LABEL_KEYS = ("label", "fine_label")
 
 # Guards the global `random`/`np.random` state that mnist1d's make_dataset seeds and draws from.
 _GLOBAL_RNG_LOCK = threading.Lock()
-
-# Convert hub images in chunks so a 60k-image dataset never sits in memory twice as float32.
-_CONVERT_CHUNK = 4096
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,7 +95,7 @@ def load_dataset(
     elif name == "digits":
         x, y, num_classes = _load_digits()
     else:
-        x, y, num_classes = _load_hub(name, image_key, label_key)
+        x, y, num_classes = load_hub(name, image_key, label_key)
     return _split_probe(_split_bundle(x, y, num_classes, test_fraction, seed), probe_samples, seed)
 
 
@@ -152,29 +148,6 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray, int]:
     return x, digits.target.astype(np.int64), 10
 
 
-def _load_hub(name: str, image_key: str | None, label_key: str | None) -> tuple[np.ndarray, np.ndarray, int]:
-    import datasets
-
-    try:
-        splits = datasets.load_dataset(name)
-    except Exception as exc:  # any failure (offline, unknown name, bad config) means the same to the user
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(
-            f"dataset.name: cannot load hub dataset {name!r} ({detail}); offline, use 'mnist1d' or 'digits'"
-        ) from exc
-    if not isinstance(splits, datasets.DatasetDict):
-        splits = datasets.DatasetDict({"train": splits})
-    xs, ys, num_classes = [], [], 0
-    for split in splits.values():
-        x, y = from_hf_dataset(split, image_key, label_key)
-        xs.append(x)
-        ys.append(y)
-        num_classes = max(num_classes, _num_classes(split, label_key, y))
-    if len({x.shape[1:] for x in xs}) != 1:
-        raise InputError(f"dataset.name: splits of {name!r} have different sample shapes")
-    return np.concatenate(xs), np.concatenate(ys), num_classes
-
-
 def _split_bundle(x: np.ndarray, y: np.ndarray, num_classes: int, test_fraction: float, seed: int) -> DataBundle:
     n = len(y)
     n_test = min(max(1, round(n * test_fraction)), n - 1)
@@ -184,91 +157,6 @@ def _split_bundle(x: np.ndarray, y: np.ndarray, num_classes: int, test_fraction:
     for a in arrays:
         a.setflags(write=False)
     return DataBundle(*arrays, num_classes=int(num_classes), input_shape=tuple(int(d) for d in x.shape[1:]))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Hugging Face datasets → arrays
-# ---------------------------------------------------------------------------------------------------------
-
-
-def from_hf_dataset(ds, image_key: str | None = None, label_key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Convert a local ``datasets.Dataset`` to ``(x float32, y int64)`` arrays.
-
-    The feature column may hold PIL images or arrays; it defaults to ``image``/``img`` and the label column
-    to ``label``/``fine_label``. 8-bit pixels are scaled to [0, 1]; 2-D samples become ``(N, 1, H, W)``,
-    HWC images become ``(N, C, H, W)``, 1-D samples stay ``(N, D)``.
-    """
-    import datasets
-
-    image_key = _resolve_column(ds, image_key, IMAGE_KEYS, "image_key")
-    label_key = _resolve_column(ds, label_key, LABEL_KEYS, "label_key")
-    if ds.num_rows == 0:
-        raise InputError("dataset: the hub dataset has no rows")
-    is_image = isinstance(ds.features[image_key], datasets.Image)
-    x = _convert_features(ds.with_format("numpy"), image_key, is_image)
-    y = np.asarray(ds.with_format("numpy")[label_key][:])
-    if not np.issubdtype(y.dtype, np.integer) or np.any(y < 0):
-        raise InputError(f"dataset.label_key: column {label_key!r} must hold integers >= 0, got dtype {y.dtype}")
-    return x, y.astype(np.int64)
-
-
-def _resolve_column(ds, given: str | None, candidates: tuple[str, ...], what: str) -> str:
-    columns = list(ds.column_names)
-    if given is not None:
-        if given not in columns:
-            raise InputError(f"dataset.{what}: column {given!r} not found; columns are {columns}")
-        return given
-    for candidate in candidates:
-        if candidate in columns:
-            return candidate
-    raise InputError(f"dataset.{what}: none of {list(candidates)} found in columns {columns}; set it explicitly")
-
-
-def _convert_features(numpy_ds, key: str, is_image: bool) -> np.ndarray:
-    chunks = []
-    for start in range(0, numpy_ds.num_rows, _CONVERT_CHUNK):
-        batch = numpy_ds[start : start + _CONVERT_CHUNK][key]
-        if not isinstance(batch, np.ndarray) or batch.dtype == object:
-            raise InputError(f"dataset.image_key: samples in column {key!r} differ in shape or are not numeric")
-        chunks.append(_to_unit_float(batch, key))
-    shapes = {c.shape[1:] for c in chunks}
-    if len(shapes) != 1:
-        raise InputError(f"dataset.image_key: samples in column {key!r} differ in shape {sorted(shapes)}")
-    return np.ascontiguousarray(_channels_first(np.concatenate(chunks), is_image, key))
-
-
-def _to_unit_float(batch: np.ndarray, key: str) -> np.ndarray:
-    if batch.dtype == bool:
-        return batch.astype(np.float32)
-    if np.issubdtype(batch.dtype, np.integer):
-        if batch.min() < 0 or batch.max() > 255:
-            raise InputError(f"dataset.image_key: integer pixels in {key!r} must be in [0, 255]")
-        return batch.astype(np.float32) / np.float32(255)
-    if np.issubdtype(batch.dtype, np.floating):
-        return batch.astype(np.float32)
-    raise InputError(f"dataset.image_key: column {key!r} has unsupported dtype {batch.dtype}")
-
-
-def _channels_first(x: np.ndarray, is_image: bool, key: str) -> np.ndarray:
-    if x.ndim == 2:
-        return x
-    if x.ndim == 3:
-        return x[:, None, :, :]
-    if x.ndim == 4:
-        # PIL decodes to HWC; raw array columns are taken as CHW unless only the last axis looks like channels.
-        hwc = is_image or (x.shape[-1] <= 4 < x.shape[1])
-        return np.transpose(x, (0, 3, 1, 2)) if hwc else x
-    raise InputError(f"dataset.image_key: column {key!r} has {x.ndim - 1}-D samples; expected 1-D, 2-D or 3-D")
-
-
-def _num_classes(ds, label_key: str | None, y: np.ndarray) -> int:
-    import datasets
-
-    key = _resolve_column(ds, label_key, LABEL_KEYS, "label_key")
-    feature = ds.features[key]
-    if isinstance(feature, datasets.ClassLabel):
-        return int(feature.num_classes)
-    return int(y.max()) + 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -308,23 +196,9 @@ def partition(
 
 def _partition_options(kind, alpha, classes_per_client, min_partition_size, labels) -> tuple:
     """Validate the options ``kind`` uses and drop the others, so equivalent calls share a cache entry."""
-    if kind == "iid":
-        return (None, None, 0)
-    if kind == "dirichlet":
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
-            raise InputError(f"dataset.partition.alpha: must be a number > 0 for dirichlet, got {alpha!r}")
-        if isinstance(min_partition_size, bool) or not isinstance(min_partition_size, int) or min_partition_size < 0:
-            raise InputError(f"dataset.partition.min_partition_size: must be an integer >= 0, got {min_partition_size!r}")
-        return (float(alpha), None, min_partition_size)
-    if kind == "pathological":
-        num_classes = len(np.unique(labels))
-        if (isinstance(classes_per_client, bool) or not isinstance(classes_per_client, int)
-                or not 1 <= classes_per_client <= num_classes):
-            raise InputError(
-                f"dataset.partition.classes_per_client: must be an integer in [1, {num_classes}], got {classes_per_client!r}"
-            )
-        return (None, classes_per_client, 0)
-    raise InputError(f"dataset.partition.kind: unknown {kind!r}; valid: {', '.join(PARTITION_KINDS)}")
+    if kind not in PARTITION_KINDS:
+        raise InputError(f"dataset.partition.kind: unknown {kind!r}; valid: {', '.join(PARTITION_KINDS)}")
+    return PARTITION_KINDS[kind].options(alpha, classes_per_client, min_partition_size, labels)
 
 
 @functools.lru_cache(maxsize=8)
@@ -332,25 +206,13 @@ def _partition_cached(labels_bytes: bytes, num_partitions: int, kind: str, seed:
                       alpha: float | None, classes_per_client: int | None,
                       min_partition_size: int) -> tuple[np.ndarray, ...]:
     import datasets
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+    from flwr_datasets import partitioner as partitioners
 
     labels = np.frombuffer(labels_bytes, dtype=np.int64)
     partitioner_seed = int(rng(seed, "data", "partitioner").integers(2**31))
-    order = np.arange(labels.size)
-    if kind == "iid":
-        # IidPartitioner shards contiguously; shuffling first makes the shards random.
-        order = rng(seed, "data", "iid-order").permutation(labels.size)
-        partitioner = IidPartitioner(num_partitions=num_partitions)
-    elif kind == "dirichlet":
-        partitioner = DirichletPartitioner(
-            num_partitions=num_partitions, partition_by="label", alpha=alpha,
-            min_partition_size=min_partition_size, self_balancing=False, seed=partitioner_seed,
-        )
-    else:
-        partitioner = PathologicalPartitioner(
-            num_partitions=num_partitions, partition_by="label", num_classes_per_partition=classes_per_client,
-            class_assignment_mode="deterministic", seed=partitioner_seed,
-        )
+    partitioner, order = PARTITION_KINDS[kind].partitioner(
+        partitioners, num_partitions, labels.size, seed=seed, partitioner_seed=partitioner_seed, alpha=alpha,
+        classes_per_client=classes_per_client, min_partition_size=min_partition_size)
     partitioner.dataset = datasets.Dataset.from_dict({"label": labels[order], "index": order})
     try:
         parts = tuple(np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64)
@@ -360,6 +222,68 @@ def _partition_cached(labels_bytes: bytes, num_partitions: int, kind: str, seed:
     for part in parts:
         part.setflags(write=False)
     return parts
+
+
+@dataclass(frozen=True)
+class PartitionKind:
+    """A split of the training set: ``options(alpha, classes_per_client, min_partition_size, labels)`` checks
+    and keeps the options it uses; ``partitioner(flwr_datasets.partitioner, num_partitions, size, *, seed,
+    partitioner_seed, **options)`` returns the partitioner and the sample order it is fed in."""
+
+    options: Callable[..., tuple]
+    partitioner: Callable[..., tuple]
+
+
+def _iid_options(*_) -> tuple:
+    return (None, None, 0)
+
+
+def _dirichlet_options(alpha, classes_per_client, min_partition_size, labels) -> tuple:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
+        raise InputError(f"dataset.partition.alpha: must be a number > 0 for dirichlet, got {alpha!r}")
+    if isinstance(min_partition_size, bool) or not isinstance(min_partition_size, int) or min_partition_size < 0:
+        raise InputError(f"dataset.partition.min_partition_size: must be an integer >= 0, got {min_partition_size!r}")
+    return (float(alpha), None, min_partition_size)
+
+
+def _pathological_options(alpha, classes_per_client, min_partition_size, labels) -> tuple:
+    num_classes = len(np.unique(labels))
+    if (isinstance(classes_per_client, bool) or not isinstance(classes_per_client, int)
+            or not 1 <= classes_per_client <= num_classes):
+        raise InputError(
+            f"dataset.partition.classes_per_client: must be an integer in [1, {num_classes}], got {classes_per_client!r}"
+        )
+    return (None, classes_per_client, 0)
+
+
+def _iid_partitioner(partitioners, num_partitions: int, size: int, *, seed: int, **_) -> tuple:
+    # IidPartitioner shards contiguously; shuffling first makes the shards random.
+    order = rng(seed, "data", "iid-order").permutation(size)
+    return partitioners.IidPartitioner(num_partitions=num_partitions), order
+
+
+def _dirichlet_partitioner(partitioners, num_partitions: int, size: int, *, partitioner_seed: int, alpha: float,
+                           min_partition_size: int, **_) -> tuple:
+    return partitioners.DirichletPartitioner(
+        num_partitions=num_partitions, partition_by="label", alpha=alpha,
+        min_partition_size=min_partition_size, self_balancing=False, seed=partitioner_seed,
+    ), np.arange(size)
+
+
+def _pathological_partitioner(partitioners, num_partitions: int, size: int, *, partitioner_seed: int,
+                              classes_per_client: int, **_) -> tuple:
+    return partitioners.PathologicalPartitioner(
+        num_partitions=num_partitions, partition_by="label", num_classes_per_partition=classes_per_client,
+        class_assignment_mode="deterministic", seed=partitioner_seed,
+    ), np.arange(size)
+
+
+#: Partition kind name → how it splits. The scenario's ``dataset.partition.kind`` is checked against these.
+PARTITION_KINDS: Mapping[str, PartitionKind] = MappingProxyType({
+    "iid": PartitionKind(_iid_options, _iid_partitioner),
+    "dirichlet": PartitionKind(_dirichlet_options, _dirichlet_partitioner),
+    "pathological": PartitionKind(_pathological_options, _pathological_partitioner),
+})
 
 
 def client_data(

@@ -16,7 +16,7 @@ import numpy as np
 
 from fed_deq.errors import InputError
 from fed_deq.seeding import rng
-from fed_deq.scenario import Scenario, resolve_clients_per_round, tier_counts
+from fed_deq.scenario import Scenario, tier_counts
 
 BYTES_PER_PARAM = 4  # float32
 BITS_PER_BYTE = 8
@@ -263,18 +263,20 @@ def plan_budget(device: Device, *, deadline_s: float, comm_s: float, samples: in
     return split_budget(low, backward, backward_iterations)
 
 
-def plan_round(fleet: Sequence[Device], *, seed: int, round: int, clients_per_round: int | float) -> RoundPlan:
+def plan_round(fleet: Sequence[Device], *, seed: int, round: int, clients_per_round: int) -> RoundPlan:
     """Availability draws, then sampling without replacement, then dropout draws, for one round.
 
-    ``clients_per_round`` is a count, or a float in (0, 1] meaning a fraction of the fleet.
+    ``clients_per_round`` is the count to sample (a scenario's ``training.clients_per_round``, resolved from a
+    fraction when the scenario gives one); fewer are sampled when fewer are available.
     Each draw is made for every device, so one device's outcome never depends on who else was drawn.
     """
+    if isinstance(clients_per_round, bool) or not isinstance(clients_per_round, (int, np.integer)):
+        raise ValueError(f"clients_per_round must be an integer count, got {clients_per_round!r}")
     size = len(fleet)
     availability = np.array([device.availability for device in fleet], dtype=float)
     dropout = np.array([device.dropout for device in fleet], dtype=float)
     available = np.flatnonzero(rng(seed, "availability", round).random(size) < availability)
-    wanted = resolve_clients_per_round(clients_per_round, size) if size else 0
-    count = min(wanted, available.size)
+    count = min(int(clients_per_round), size, available.size)
     sampled = np.sort(rng(seed, "sample", round).choice(available, size=count, replace=False))
     drops = rng(seed, "dropout", round).random(size) < dropout
     dropped = sampled[drops[sampled]]

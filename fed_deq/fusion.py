@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 import numpy as np
 
@@ -16,7 +17,6 @@ from fed_deq.errors import InputError
 
 Arrays = Mapping[str, np.ndarray]
 
-SCORE_KINDS = ("budget", "residual", "accuracy", "product", "probe")
 
 # Fewer finite norms than this and a median says little about what is "normal" for the round.
 _MIN_REPLIES_FOR_MEDIAN = 3
@@ -44,17 +44,11 @@ def quality_scores(
     ``exp(-beta * probe_loss)``, the server's cross-entropy of the client model on its probe set (a
     non-finite loss scores 0). Only the inputs the kind needs are required.
     """
-    if kind not in SCORE_KINDS:
-        raise InputError(f"fusion.score: unknown score kind {kind!r}; valid: {', '.join(SCORE_KINDS)}")
-    parts = []
-    if kind in ("budget", "product"):
-        parts.append(_unit_interval("budget_share", budget_share))
-    if kind in ("residual", "product"):
-        parts.append(_exp_score("rel_residual", rel_residual, beta))
-    if kind in ("accuracy", "product"):
-        parts.append(_unit_interval("val_accuracy", val_accuracy))
-    if kind == "probe":
-        parts.append(_exp_score("probe_loss", probe_loss, beta))
+    if kind not in QUALITY_SCORES:
+        raise InputError(f"fusion.score: unknown score kind {kind!r}; valid: {', '.join(QUALITY_SCORES)}")
+    inputs = {"budget_share": budget_share, "rel_residual": rel_residual, "val_accuracy": val_accuracy,
+              "probe_loss": probe_loss}
+    parts = [_FACTORS[name](name, inputs[name], beta) for name in QUALITY_SCORES[kind]]
     lengths = {len(p) for p in parts}
     if len(lengths) != 1:
         raise InputError(f"quality_scores: inputs have different lengths {sorted(lengths)}")
@@ -86,6 +80,25 @@ def _exp_score(name: str, values, beta: float) -> np.ndarray:
     if np.any(vector[finite] < 0):
         raise InputError(f"{name}: values must be >= 0, got {vector.tolist()}")
     return np.where(finite, np.exp(-beta * np.where(finite, vector, 0.0)), 0.0)
+
+
+def _unit_factor(name: str, values, beta: float) -> np.ndarray:
+    return _unit_interval(name, values)
+
+
+#: How each measured input becomes a factor in [0, 1].
+_FACTORS = MappingProxyType({"budget_share": _unit_factor, "rel_residual": _exp_score, "val_accuracy": _unit_factor,
+                             "probe_loss": _exp_score})
+
+#: Quality score name → the factors it multiplies, in order. The scenario's ``fusion.score`` is checked
+#: against these names.
+QUALITY_SCORES: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "budget": ("budget_share",),
+    "residual": ("rel_residual",),
+    "accuracy": ("val_accuracy",),
+    "product": ("budget_share", "rel_residual", "val_accuracy"),
+    "probe": ("probe_loss",),
+})
 
 
 def quality_weights(

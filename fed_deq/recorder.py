@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -15,6 +16,19 @@ from fed_deq import adversary, results
 from fed_deq.rounds import RoundReport
 from fed_deq.scenario import Scenario, dump_scenario
 from fed_deq.workload import Arrays, build_scenario_model, evaluate_global, scenario_data, tier_eval_budgets
+
+#: The run's status marker beside metrics.jsonl, rewritten atomically at each step (see RunRecorder):
+#: {"rounds": R, "rounds_done": n, "running_round": r or null, "finished": bool}. `deploy-local` watches it
+#: to learn that round 1 started and that the run finished, instead of reading Flower's log.
+PROGRESS_FILE = "progress.json"
+
+
+def read_progress(out_dir: str | Path) -> dict | None:
+    """The progress marker of the run writing to ``out_dir``, or None while there is none (or it is unreadable)."""
+    try:
+        return json.loads((Path(out_dir) / PROGRESS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 class RunRecorder:
@@ -44,6 +58,7 @@ class RunRecorder:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         results.write_scenario(self.out_dir, dump_scenario(self.scenario))
         self._writer = results.MetricsWriter(self.out_dir).__enter__()
+        self._mark_progress(running_round=None)
         if self._show_progress:
             self._progress = Progress(TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
                                       TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
@@ -61,6 +76,8 @@ class RunRecorder:
     def initial_model(self, arrays: Arrays) -> dict:
         """Evaluate the starting model (round 0); kept for the summary, not a metrics line."""
         self.initial = evaluate_global(self.scenario, self.model, arrays, self.tier_budgets)
+        # The run loop (fed_deq.rounds.run_rounds) opens round 1 right after the starting model's evaluation.
+        self._mark_progress(running_round=1)
         return self.initial
 
     def record_round(self, server_round: int, arrays: Arrays, report: RoundReport | None) -> dict:
@@ -76,14 +93,18 @@ class RunRecorder:
                   "wall_time_s": time.perf_counter() - self._started}
         self._writer.write_round(record)
         self.metrics.append(record)
+        self._mark_progress(running_round=server_round + 1 if server_round < self.scenario.training.rounds else None)
         if self._progress is not None:
             status = (f"acc {record['accuracy']:.3f}  sim {self.sim_time_s:,.0f}s  "
                       f"{record['clients_completed']}/{record['clients_sampled']} clients")
             self._progress.update(self._task, advance=1, status=status)
         return record
 
-    def finish(self, extra: dict | None = None) -> dict:
-        """Write summary.json (with ``extra`` keys from the runner) and accuracy.png; return the summary."""
+    def finish(self, extra: dict | None = None, *, interrupted: bool = False) -> dict:
+        """Write summary.json (with ``extra`` keys from the runner) and accuracy.png; return the summary.
+
+        ``interrupted`` marks a run stopped before its last round (its finished rounds are in the summary).
+        """
         summary = results.summarise(self.metrics, scenario_name=self.scenario_name,
                                     fusion_rule=self.scenario.fusion.rule,
                                     wall_time_s=time.perf_counter() - self._started)
@@ -93,11 +114,19 @@ class RunRecorder:
                              for key in ("clients_dropped", "clients_rejected", "clients_failed")}
         summary["faults"]["rounds_not_fused"] = sum(1 for m in self.metrics if m.get("fusion_error"))
         summary["adversaries"] = {str(pid): attack for pid, attack in adversary.assign(self.scenario).items()}
+        summary["interrupted"] = interrupted
         summary.update(extra or {})
         results.write_summary(self.out_dir, summary)
         if self.metrics:
             results.plot_accuracy(self.metrics, self.out_dir / "accuracy.png")
+        self._mark_progress(running_round=None, finished=True)  # last: every output above is in place
         return summary
+
+    def _mark_progress(self, *, running_round: int | None, finished: bool = False) -> None:
+        """Rewrite the progress marker (PROGRESS_FILE) atomically, so a watcher never reads half of it."""
+        text = json.dumps({"rounds": self.scenario.training.rounds, "rounds_done": len(self.metrics),
+                           "running_round": running_round, "finished": finished}) + "\n"
+        results.write_atomic(self.out_dir / PROGRESS_FILE, text)
 
 
 def summary_table(summary: dict, metrics: list[dict]) -> Table:

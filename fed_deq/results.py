@@ -12,8 +12,9 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -76,8 +77,18 @@ class MetricsWriter:
         os.fsync(self._file.fileno())
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename, so readers never see half a file."""
+def write_atomic(path: str | os.PathLike, content: str | bytes | Callable[[BinaryIO], object]) -> Path:
+    """Write ``content`` to ``path`` all at once or not at all; returns the path.
+
+    ``content`` is text (written as UTF-8), bytes, or a function that writes into the binary file handle it is
+    given (e.g. ``lambda handle: figure.savefig(handle, format="png")``). The data goes to a temporary file in
+    the same folder, which is then renamed over ``path``, so a reader never sees half a file and an interrupted
+    write leaves the previous file as it was.
+    """
+    path = Path(path)
+    if isinstance(content, str):
+        content = content.encode("utf-8")
+    write = (lambda handle, data=content: handle.write(data)) if isinstance(content, bytes) else content
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     try:
@@ -89,14 +100,14 @@ def _atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
 
 
 def write_summary(out_dir: str | os.PathLike, summary: Mapping) -> Path:
     """Atomically write ``summary`` to ``out_dir/summary.json``; returns the path."""
     path = Path(out_dir) / SUMMARY_FILE
     text = _dumps(summary, indent=2) + "\n"
-    _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
-    return path
+    return write_atomic(path, text)
 
 
 def write_scenario(out_dir: str | os.PathLike, yaml_text: str) -> Path:
@@ -104,8 +115,7 @@ def write_scenario(out_dir: str | os.PathLike, yaml_text: str) -> Path:
     if not isinstance(yaml_text, str):
         raise InputError(f"results: scenario text must be a string, got {type(yaml_text).__name__}")
     path = Path(out_dir) / SCENARIO_FILE
-    _atomic_write(path, lambda handle: handle.write(yaml_text.encode("utf-8")))
-    return path
+    return write_atomic(path, yaml_text)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -214,7 +224,7 @@ def plot_accuracy(metrics: Sequence[Mapping], path: str | os.PathLike) -> Path:
     axes[0].legend(fontsize="small")
     figure.tight_layout()
     out = Path(path)
-    _atomic_write(out, lambda handle: figure.savefig(handle, format="png"))
+    write_atomic(out, lambda handle: figure.savefig(handle, format="png"))
     return out
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from fed_deq import adversary, fleet, fusion, screening, workload
 from fed_deq.audit import Auditor
+from fed_deq.rules import FUSION_RULES, FusionInputs
 from fed_deq.scenario import Scenario
 from fed_deq.screening import ClientFacts, Dropped, Rejected
 
@@ -145,7 +146,7 @@ class RoundDriver:
         self.auditor = Auditor(scenario)
         self.adversaries = adversary.assign(scenario)
         self.facts = {d.partition_id: self._derive_facts(d) for d in self.devices}
-        if scenario.fusion.rule in ("fedmedian", "fedtrimmedavg", "krum") and robust_fuser is None:
+        if FUSION_RULES[scenario.fusion.rule].adapter is not None and robust_fuser is None:
             raise ValueError(f"fusion rule {scenario.fusion.rule!r} needs a robust_fuser from an adapter")
         self.robust_fuser = robust_fuser
 
@@ -179,7 +180,7 @@ class RoundDriver:
         report = RoundReport(server_round=server_round, sampled=list(plan.sampled),
                              unavailable=len(self.devices) - len(plan.available))
         f = self.scenario.fusion
-        mu = f.proximal_mu if f.rule == "fedprox" else 0.0
+        mu = f.proximal_mu if FUSION_RULES[f.rule].proximal else 0.0
         instructions = {}
         for pid in plan.sampled:
             if pid in plan.dropped_out:
@@ -290,7 +291,7 @@ class RoundDriver:
 
     def _uses_probe(self) -> bool:
         f = self.scenario.fusion
-        return f.rule == "quality" and f.score == "probe"
+        return FUSION_RULES[f.rule].scored and f.score == "probe"
 
     def _probe(self, open_round: OpenRound, accepted: list[_Checked]) -> tuple[list[_Checked], dict[int, float]]:
         """Score each accepted model on the probe set; record the cost (wall seconds, FLOPs) in the report."""
@@ -329,31 +330,26 @@ class RoundDriver:
 
     def _fuse(self, open_round: OpenRound, accepted: list[_Checked], probe_losses: dict[int, float]) -> Arrays:
         """The fusion rule of the scenario on the accepted replies; weights from server-known facts only."""
-        f, t, report = self.scenario.fusion, self.scenario.training, open_round.report
+        f, report = self.scenario.fusion, open_round.report
+        rule = FUSION_RULES[f.rule]
         pids = [c.facts.partition_id for c in accepted]
         arrays = [c.reply.arrays for c in accepted]
         sizes = np.array([c.facts.num_examples for c in accepted], dtype=np.float64)
-        if f.rule == "quality":
-            scores = self.quality_scores(accepted, probe_losses)
-            report.scores = dict(zip(pids, map(float, scores)))
-            weights = fusion.quality_weights(sizes, scores, size_exponent=f.size_exponent,
-                                             quality_exponent=f.quality_exponent, floor=f.floor)
-            fused = fusion.weighted_average(arrays, weights)
-        elif f.rule in ("fedavg", "fedprox"):
-            weights = sizes / sizes.sum()
-            fused = fusion.weighted_average(arrays, weights)
-        elif f.rule == "fednova":
-            normalisers = fusion.fednova_normaliser([c.facts.local_steps for c in accepted], optimizer=t.optimizer,
-                                                    momentum=t.momentum, learning_rate=t.learning_rate)
-            fused, weights = fusion.fednova_aggregate(open_round.reference, arrays, sizes, normalisers)
-            report.previous_model_weight = float(1.0 - weights.sum())
-        else:
+        if rule.adapter is not None:
+            # Coordinate-wise rules pick values, not clients: no per-client weight to report.
             fused = self.robust_fuser(open_round.server_round, open_round.reference, arrays, sizes)
-            weights = None  # robust rules pick coordinates, not clients: no per-client weight to report
-        screening.check_fused(fused, open_round.reference)
-        if weights is not None:
-            report.fusion_weights = dict(zip(pids, map(float, weights)))
-        return fused
+            screening.check_fused(fused, open_round.reference)
+            return fused
+        scores = self.quality_scores(accepted, probe_losses) if rule.scored else None
+        if scores is not None:
+            report.scores = dict(zip(pids, map(float, scores)))
+        result = rule.fuse(FusionInputs(reference=open_round.reference, arrays=arrays, sizes=sizes,
+                                        local_steps=[c.facts.local_steps for c in accepted], scores=scores,
+                                        fusion=f, training=self.scenario.training))
+        screening.check_fused(result.arrays, open_round.reference)
+        report.fusion_weights = dict(zip(pids, map(float, result.weights)))
+        report.previous_model_weight = result.previous_model_weight
+        return result.arrays
 
     def quality_scores(self, accepted: list[_Checked], probe_losses: dict[int, float]) -> np.ndarray:
         """Quality in [0, 1] per accepted reply, from numbers the server derived or measured itself."""
@@ -375,16 +371,24 @@ class RoundDriver:
 Exchange = Callable[[OpenRound], tuple[list[Reply], list[int]]]
 
 
-def run_rounds(driver: RoundDriver, recorder, exchange: Exchange) -> Arrays:
-    """Every round of the scenario: open, exchange, close, record. Returns the final global model.
+def run_rounds(driver: RoundDriver, recorder, exchange: Exchange,
+               stop_requested: Callable[[], bool] | None = None) -> Arrays:
+    """Every round of the scenario: open, exchange, close, record. Returns the last recorded global model.
 
     The loop owns the global model; ``recorder`` (fed_deq.recorder.RunRecorder) only evaluates and writes.
+    Once ``stop_requested()`` is true (the user pressed Ctrl-C) the loop ends: a round whose exchange was cut
+    short is neither fused nor recorded, so metrics.jsonl holds finished rounds only.
     """
+    stopped = stop_requested or (lambda: False)
     arrays = driver.initial_arrays()
     recorder.initial_model(arrays)
     for server_round in range(1, driver.scenario.training.rounds + 1):
+        if stopped():
+            break
         open_round = driver.open_round(server_round, arrays)
         replies, offline = exchange(open_round)
+        if stopped():
+            break
         arrays, report = driver.close_round(open_round, replies, offline)
         recorder.record_round(server_round, arrays, report)
     return arrays

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -55,11 +57,24 @@ class EvalResult:
     num_examples: int
 
 
+def _sgd(params, cfg: LocalTrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum)
+
+
+def _adam(params, cfg: LocalTrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=cfg.learning_rate)
+
+
+#: Optimizer name → its factory ``(params, cfg) -> torch.optim.Optimizer``. The scenario's
+#: ``training.optimizer`` is checked against these names.
+OPTIMIZERS: Mapping[str, Callable[..., torch.optim.Optimizer]] = MappingProxyType({"sgd": _sgd, "adam": _adam})
+
+
 def make_optimizer(params, cfg: LocalTrainConfig) -> torch.optim.Optimizer:
     """Build the optimizer named by the scenario (validated upstream)."""
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.learning_rate)
-    return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum)
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[cfg.optimizer](params, cfg)
 
 
 def _mean_stat(stats: dict, key: str) -> float:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -19,34 +21,57 @@ from wire.messages import train_message
 from wire.records import to_array_record
 
 log = logging.getLogger("fed_deq.server")
+PULL_INTERVAL_S = 0.1  # as Flower's in-memory Grid polls for replies
 
 
-def wait_for_nodes(grid: Grid, expected: int, wait_s: float) -> list[int]:
-    """Node ids once ``expected`` nodes are connected, or whoever is there after ``wait_s`` seconds."""
+def wait_for_nodes(grid: Grid, expected: int, wait_s: float, stop: threading.Event | None = None) -> list[int]:
+    """Node ids once ``expected`` nodes are connected, or whoever is there after ``wait_s`` seconds (or a stop)."""
+    stop = stop or threading.Event()
     deadline = time.monotonic() + wait_s
     while True:
         node_ids = sorted(grid.get_node_ids())
-        if len(node_ids) >= expected or time.monotonic() >= deadline:
+        if len(node_ids) >= expected or time.monotonic() >= deadline or stop.wait(0.2):
             return node_ids
-        time.sleep(0.2)
 
 
-def discover_partitions(grid: Grid, expected: int, timeout_s: float,
-                        wait_s: float = 120.0) -> tuple[dict[int, int], dict[int, str]]:
+def send_and_receive(grid: Grid, messages: Iterable[Message], timeout_s: float,
+                     stop: threading.Event | None = None) -> list[Message]:
+    """``grid.send_and_receive``, except that it gives up once ``stop`` is set, returning the replies so far.
+
+    Flower's own waits out its whole timeout, which kept an interrupted simulation alive; without a stop event
+    it is used as is (a deployment's Grid polls at its own pace).
+    """
+    if stop is None:
+        return list(grid.send_and_receive(messages, timeout=timeout_s))
+    waiting = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout_s
+    replies: list[Message] = []
+    while waiting and not stop.is_set():
+        arrived = list(grid.pull_messages(waiting))
+        replies.extend(arrived)
+        waiting -= {m.metadata.reply_to_message_id for m in arrived}
+        if not waiting or time.monotonic() >= deadline:
+            break
+        stop.wait(PULL_INTERVAL_S)
+    return replies
+
+
+def discover_partitions(grid: Grid, expected: int, timeout_s: float, wait_s: float = 120.0,
+                        stop: threading.Event | None = None) -> tuple[dict[int, int], dict[int, str]]:
     """Ask every connected node which partition it serves; node ids are random, partitions are not.
 
     Returns (node id → partition id, node id → why its answer was refused). A reply without a readable
     partition id in range is refused; so is every node that claims a partition another node claims too
     (keeping one of them would let whoever answers first take a partition over).
     """
-    node_ids = wait_for_nodes(grid, expected, wait_s)
+    node_ids = wait_for_nodes(grid, expected, wait_s, stop)
     if len(node_ids) < expected:
         log.warning("only %d of %d nodes connected after %.0fs; going on with them", len(node_ids), expected, wait_s)
     queries = [Message(RecordDict({"config": ConfigRecord({"ask": "partition"})}), dst_node_id=node,
                        message_type=MessageType.QUERY) for node in node_ids]
     claims: dict[int, int] = {}
     refused: dict[int, str] = {}
-    for reply in grid.send_and_receive(queries, timeout=timeout_s):
+    for reply in send_and_receive(grid, queries, timeout_s, stop):
         node = reply.metadata.src_node_id
         try:
             claims[node] = _claimed_partition(reply, expected)
@@ -83,19 +108,19 @@ def _claimed_partition(reply: Message, expected: int) -> int:
 
 
 def flower_exchange(grid: Grid, partitions: dict[int, int], scenario_text: str, timeout_s: float,
-                    rounds: int):
+                    rounds: int, stop: threading.Event | None = None):
     """The run loop's exchange over a Flower Grid: one message per instruction, replies back as Reply."""
     nodes = {pid: node for node, pid in partitions.items()}
 
     def exchange(open_round: OpenRound) -> tuple[list[Reply], list[int]]:
-        # Flower's own round banner: `flwr run --stream` shows it, and deploy-local waits for it.
+        # Flower's own round banner, for users who follow a run with `flwr run --stream`.
         flwr_log(logging.INFO, "[ROUND %s/%s]", open_round.server_round, rounds)
         live = set(grid.get_node_ids())
         arrays = to_array_record(open_round.reference)
         offline = [pid for pid in open_round.instructions if nodes.get(pid) not in live]
         messages = [train_message(open_round.server_round, instruction, arrays, nodes[pid], scenario_text)
                     for pid, instruction in open_round.instructions.items() if pid not in offline]
-        replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+        replies = send_and_receive(grid, messages, timeout_s, stop)
         # The Grid filled in the ids of what it sent; an error reply for a dead node comes from the SuperLink
         # itself, so only the message it answers tells whose it is.
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
@@ -105,13 +130,18 @@ def flower_exchange(grid: Grid, partitions: dict[int, int], scenario_text: str, 
 
 
 def run_federation(grid: Grid, scenario: Scenario, out_dir: str | Path, *, name: str = "scenario",
-                   progress: bool = False, timeout_s: float = 3600.0) -> dict:
-    """Run every round of the scenario on ``grid`` and write the run's files to ``out_dir``."""
+                   progress: bool = False, timeout_s: float = 3600.0, stop: threading.Event | None = None) -> dict:
+    """Run every round of the scenario on ``grid`` and write the run's files to ``out_dir``.
+
+    Setting ``stop`` ends the run early: the rounds finished by then are kept and the summary says
+    ``"interrupted": true``.
+    """
     driver = RoundDriver(scenario, robust_fuser=robust_fuser(scenario))
-    partitions, refused = discover_partitions(grid, len(driver.devices), timeout_s)
-    exchange = flower_exchange(grid, partitions, dump_scenario(scenario), timeout_s, scenario.training.rounds)
+    partitions, refused = discover_partitions(grid, len(driver.devices), timeout_s, stop=stop)
+    exchange = flower_exchange(grid, partitions, dump_scenario(scenario), timeout_s, scenario.training.rounds, stop)
     with RunRecorder(scenario, out_dir, name=name, progress=progress) as recorder:
-        run_rounds(driver, recorder, exchange)
+        run_rounds(driver, recorder, exchange, stop.is_set if stop else None)
         summary = recorder.finish(extra={"nodes_discovered": len(partitions),
-                                         "discovery_refused": {str(k): v for k, v in sorted(refused.items())}})
+                                         "discovery_refused": {str(k): v for k, v in sorted(refused.items())}},
+                                  interrupted=bool(stop and stop.is_set()))
     return summary

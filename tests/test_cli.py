@@ -50,6 +50,39 @@ def test_validate_accepts_every_shipped_scenario():
     assert result.stdout.count(": ok") == len(files) >= 4
 
 
+def test_out_that_is_a_file_exits_2_before_anything_starts(tiny_scenario_path, tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder\n")
+    result = fed_deq("simulate", str(tiny_scenario_path), "--out", str(taken), cwd=tmp_path, timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(taken) in lines[0] and "--out" in lines[0]
+    assert "simulating" not in result.stderr  # refused before the run (and Ray) started
+    assert taken.read_text() == "not a folder\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken", "tiny.yaml"]  # no runs/ folder either
+
+
+def test_version_names_the_installed_fed_deq():
+    from importlib.metadata import version
+
+    result = fed_deq("--version", timeout=60)
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"fed-deq {version('fed-deq')} (flwr ")
+
+
+def test_help_says_what_fed_deq_is_and_lists_every_command():
+    result = fed_deq("--help", timeout=60)
+    assert result.returncode == 0
+    assert "federated learning" in result.stdout and "deep-equilibrium" in result.stdout
+    for command in ("simulate", "validate", "compare", "tune", "compose", "deploy-local"):
+        assert f"\n    {command} " in result.stdout or f"\n    {command}\n" in result.stdout, command
+    simulate_help = fed_deq("simulate", "--help", timeout=60).stdout
+    for word in ("metrics.jsonl", "summary.json", "Ctrl-C"):
+        assert word in simulate_help, word
+    for word in ("Ray", "Flower", "backend"):  # what it does for the user, not what it runs on
+        assert word not in simulate_help, word
+
+
 @pytest.mark.ray
 def test_simulate_on_ray_writes_the_run_files_and_is_deterministic(tiny_scenario_path, tmp_path):
     runs = []

@@ -18,7 +18,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fed_deq.deq import build_model, find_fixed_point, iteration_flops, register_solver, solve
 from fed_deq.deq import flops as fl
-from fed_deq.deq.solvers import SOLVERS, FixedPointTracker
+from fed_deq.deq.solvers import SOLVERS
+from fed_deq.deq.tracker import FixedPointTracker
 from fed_deq.fleet import (
     NO_WORK,
     Budget,

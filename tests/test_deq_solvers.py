@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fed_deq.deq import SOLVERS, find_fixed_point, register_solver, solve, solver_options
-from fed_deq.deq.solvers import FixedPointTracker
+from fed_deq.deq.tracker import FixedPointTracker
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

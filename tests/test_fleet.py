@@ -265,10 +265,20 @@ def test_unavailable_tier_is_never_sampled():
 
 def test_plan_round_fraction_and_shortage():
     fleet = build_fleet(tiered_scenario())
-    assert len(plan_round(fleet, seed=0, round=0, clients_per_round=0.25).sampled) == 5
-    assert plan_round(fleet, seed=0, round=0, clients_per_round=1.0).sampled == list(range(20))
+    quarter = parse_scenario({"fleet": {"tiers": [{"name": "a", "count": 20}]},
+                              "training": {"fraction_per_round": 0.25}}, "test")
+    assert quarter.training.clients_per_round == 5  # the fraction resolved to a count for the planner
+    assert len(plan_round(fleet, seed=0, round=0, clients_per_round=quarter.training.clients_per_round).sampled) == 5
+    assert plan_round(fleet, seed=0, round=0, clients_per_round=20).sampled == list(range(20))
+    assert plan_round(fleet, seed=0, round=0, clients_per_round=25).sampled == list(range(20))
     scarce = build_fleet(tiered_scenario(availability=1e-9))
     assert len(plan_round(scarce, seed=0, round=0, clients_per_round=19).sampled) == 8
+
+
+@pytest.mark.parametrize("fraction", [0.25, 1.0, True])
+def test_plan_round_takes_a_count_only(fraction):
+    with pytest.raises(ValueError, match="integer count"):
+        plan_round(build_fleet(tiered_scenario()), seed=0, round=0, clients_per_round=fraction)
 
 
 def test_dropout_extremes():

@@ -163,12 +163,6 @@ def test_adversaries_are_drawn_from_the_seed_within_their_tier(honest):
     assert len(others) > 1  # a different seed plants them elsewhere
 
 
-def test_every_scenario_attack_has_an_implementation():
-    from fed_deq.scenario import ATTACKS
-
-    assert tuple(adversary.ATTACKS) == ATTACKS
-
-
 def test_duplicate_and_unknown_replies_are_rejected(honest):
     _, driver, replies = honest
     stranger = Reply(node_id=999, partition_id=None, arrays=replies[0].arrays, metrics=replies[0].metrics)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
+import pydantic
 import pytest
 import yaml
 
 from fed_deq.errors import InputError
 from fed_deq.scenario import (
     Scenario,
+    TrainingConfig,
     dump_scenario,
     load_scenario,
     num_clients,
@@ -135,7 +136,7 @@ def test_unknown_key_without_a_close_match_lists_valid_keys():
     ({"dataset": {"name": 7}}, "dataset.name", "must be a string"),
     ({"model": [1, 2]}, "model", "must be a mapping, got a list"),
     ({"fleet": {"tiers": {"name": "a"}}}, "fleet.tiers", "must be a list of tiers"),
-    ({"training": {"clients_per_round": True}}, "training.clients_per_round", "must be an integer or a number"),
+    ({"training": {"clients_per_round": True}}, "training.clients_per_round", "must be an integer, got True"),
     ({"simulation": {"num_cpus": 2.5}}, "simulation.num_cpus", "must be an integer or null"),
     ({"model": {"tol": float("inf")}}, "model.tol", "finite"),
 ])
@@ -291,13 +292,45 @@ def test_resolve_tier_unknown_names_key_and_lists_tiers():
     assert "valid tiers: phone, laptop" in message
 
 
+def training(**keys) -> TrainingConfig:
+    return parse_scenario({"fleet": {"tiers": [{"name": "a", "count": 20}]}, "training": keys}, SRC).training
+
+
 def test_resolve_clients_per_round():
-    assert resolve_clients_per_round(8, 20) == 8
-    assert resolve_clients_per_round(0.25, 20) == 5
-    assert resolve_clients_per_round(1.0, 20) == 20
-    assert resolve_clients_per_round(0.001, 20) == 1
-    with pytest.raises(ValueError):
-        resolve_clients_per_round(True, 20)
+    assert resolve_clients_per_round(training(clients_per_round=8), 20) == 8
+    assert resolve_clients_per_round(training(fraction_per_round=0.25), 20) == 5
+    assert resolve_clients_per_round(training(fraction_per_round=1.0), 20) == 20
+    assert resolve_clients_per_round(training(fraction_per_round=0.001), 20) == 1
+    assert resolve_clients_per_round(TrainingConfig(), 5) == 5  # the default count, capped at the fleet size
+    assert resolve_clients_per_round(TrainingConfig(), 20) == 8
+
+
+def test_a_parsed_scenario_holds_the_resolved_count():
+    assert training(fraction_per_round=0.25).clients_per_round == 5
+    assert training(fraction_per_round=0.25).fraction_per_round == 0.25
+    assert training(clients_per_round=3).clients_per_round == 3
+    assert training().clients_per_round == 8 and training().fraction_per_round is None
+
+
+@pytest.mark.parametrize("value", [0.1, 1.0, 3.0])
+def test_a_float_count_points_to_fraction_per_round(value):
+    message = error_of({"training": {"clients_per_round": value}})
+    assert message == (f"{SRC}: training.clients_per_round: must be an integer (a count of clients), got {value}; "
+                       f"for a fraction of the fleet use training.fraction_per_round")
+
+
+def test_count_and_fraction_cannot_both_be_given():
+    message = error_of({"training": {"clients_per_round": 4, "fraction_per_round": 0.5}})
+    assert message.startswith(f"{SRC}: training.fraction_per_round: ")
+    assert "training.clients_per_round" in message and "not both" in message
+
+
+@pytest.mark.parametrize("value, fragment", [
+    (0, "must be a number in (0, 1], got 0.0"), (1.5, "must be a number in (0, 1], got 1.5"),
+    (2, "must be a number in (0, 1], got 2.0"), ("half", "must be a number or null, got 'half' (a string)"),
+])
+def test_fraction_per_round_range(value, fragment):
+    assert error_of({"training": {"fraction_per_round": value}}) == f"{SRC}: training.fraction_per_round: {fragment}"
 
 
 # ----------------------------------------------------------------------------------------------- files
@@ -436,20 +469,49 @@ def test_round_trip_keeps_non_default_values():
     tiers = [{"name": "a", "share": 0.3, "straggler_prob": 0.2, "straggler_slowdown": 2.5},
              {"name": "b", "share": 0.7}]
     data = {"seed": 3, "fleet": {"num_clients": 30, "tiers": tiers},
-            "training": {"clients_per_round": 0.3}, "dataset": {"image_key": "img"},
+            "training": {"fraction_per_round": 0.3}, "dataset": {"image_key": "img"},
             "simulation": {"ray_address": "auto", "num_cpus": 2}}
     scenario = parse_scenario(data, SRC)
-    again = parse_scenario(yaml.safe_load(dump_scenario(scenario)), SRC)
+    text = dump_scenario(scenario)
+    again = parse_scenario(yaml.safe_load(text), SRC)
     assert again == scenario
-    assert isinstance(again.training.clients_per_round, float)
+    assert again.training.fraction_per_round == 0.3 and again.training.clients_per_round == 9
+    assert "fraction_per_round: 0.3" in text and "clients_per_round" not in text  # the count is derived
     assert again.fleet.tiers[0].count is None
-    assert dataclasses.asdict(again) == dataclasses.asdict(scenario)
+    assert again.model_dump() == scenario.model_dump()
 
 
 def test_scenario_is_frozen():
     scenario = Scenario()
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         scenario.training.rounds = 3  # type: ignore[misc]
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
+        scenario.fleet.tiers[0].name = "x"  # type: ignore[misc]
+    assert isinstance(scenario.fleet.tiers, tuple)
+
+
+def test_model_copy_derives_a_changed_scenario():
+    scenario = parse_scenario(TWO_TIERS, SRC)
+    faster = scenario.model_copy(update={"training": scenario.training.model_copy(update={"rounds": 3})})
+    assert faster.training.rounds == 3 and scenario.training.rounds == 15
+    assert faster.fleet is scenario.fleet
+
+
+# ----------------------------------------------------------------------------------------------- parse once
+
+
+def test_scenario_text_is_parsed_once_per_process(monkeypatch):
+    from fed_deq.scenario import load
+
+    text = dump_scenario(parse_scenario(TWO_TIERS, SRC))
+    parse_scenario_text.cache_clear()
+    first = parse_scenario_text(text)
+    validations = []
+    monkeypatch.setattr(load, "parse_scenario", lambda *args: validations.append(args))
+    assert parse_scenario_text(text) is first
+    assert validations == []  # the second call neither parsed the YAML nor validated it again
+    assert parse_scenario_text(text + "\n") is None and len(validations) == 1  # other text: validated
+    parse_scenario_text.cache_clear()
 
 
 # ----------------------------------------------------------------------------------------------- trust

@@ -1,24 +1,141 @@
-"""Runs a scenario on Flower's simulation engine with the Ray backend (one of the two modules that import flwr)."""
+"""Runs a scenario on Flower's simulation engine with the Ray backend, and ends it cleanly on Ctrl-C."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import threading
-import warnings
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fed_deq.errors import RunFailed
 from fed_deq.scenario import Scenario
 
 FLOWER_ENV = {"FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+#: Flower's own log line on every run_simulation call ("DEPRECATED FEATURE: The `run_simulation` function is
+#: deprecated ..."): a logged warning, not a Python warning, so it is filtered on Flower's logger.
+DEPRECATION_NOTICE = "`run_simulation` function is deprecated"
+#: Logger levels during a run: Flower's warnings show; Ray's driver logs errors only, as fed-deq has always run it.
+QUIET_LEVELS = {"flwr": logging.WARNING, "ray": logging.ERROR}
+#: After Ctrl-C, how long the ServerApp may take to leave its round and write summary.json.
+STOP_GRACE_S = 5.0
+#: After Ray's shutdown, how long its processes may take to end by themselves before they are killed.
+RAY_EXIT_GRACE_S = 2.0
 
 
-def quiet_flower() -> None:
-    """Keep Flower's and Ray's per-round INFO chatter off the terminal; fed-deq draws its own progress."""
-    for name in ("flwr", "ray"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+class SimulationInterrupted(KeyboardInterrupt):
+    """Ctrl-C ended a simulation; ``summary`` is what the run wrote to summary.json (None if it wrote none).
+
+    A KeyboardInterrupt, so that callers running several simulations stop as they would on any Ctrl-C.
+    """
+
+    def __init__(self, summary: dict | None) -> None:
+        super().__init__()
+        self.summary = summary
+
+
+class DropMessage(logging.Filter):
+    """A logging filter that drops the records whose message contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+@contextmanager
+def quiet_flower() -> Iterator[None]:
+    """Inside the block, Flower's and Ray's INFO chatter stays off the terminal (fed-deq draws its own progress)
+    and so does Flower's deprecation notice for run_simulation; Flower's other warnings still show. Levels and
+    filters are restored on exit."""
+    flwr_logger = logging.getLogger("flwr")
+    levels = {logging.getLogger(name): level for name, level in QUIET_LEVELS.items()}
+    saved = {logger: logger.level for logger in levels}
+    notice = DropMessage(DEPRECATION_NOTICE)
+    flwr_logger.addFilter(notice)
+    for logger, level in levels.items():
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        flwr_logger.removeFilter(notice)
+        for logger, level in saved.items():
+            logger.setLevel(level)
+
+
+@contextmanager
+def stop_on_ctrl_c(stop: threading.Event) -> Iterator[list[tuple[int, str]]]:
+    """Inside the block, Ctrl-C sets ``stop`` and interrupts the main thread; yields the processes to reap.
+
+    ``stop`` makes the ServerApp's round loop leave the round in flight and write its summary; the interrupt
+    makes Flower stop its workers and shut Ray down at once, without waiting for the clients in flight. The
+    yielded list receives, at the Ctrl-C, this process's descendants (Ray's), so that the ones still alive
+    after Ray's shutdown can be ended. Further Ctrl-Cs are ignored: the wind-down they would cut short is
+    bounded. Left alone where Ctrl-C is not the default (ignored, as in a background job, or handled by the
+    caller) and off the main thread, where Python allows no signal handlers.
+    """
+    started: list[tuple[int, str]] = []
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield started
+        return
+
+    def on_ctrl_c(signum, frame) -> None:
+        if stop.is_set():
+            return
+        stop.set()
+        started.extend(descendants())
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield started
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _proc_stats() -> dict[int, tuple[str, int, str]]:
+    """Every process of this machine as pid -> (state, parent pid, start time), read from /proc (Linux)."""
+    stats = {}
+    for path in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = path.read_text()
+        except OSError:  # ended while we looked
+            continue
+        fields = text[text.rindex(")") + 2:].split()  # the command name in (...) may hold spaces
+        stats[int(path.parent.name)] = (fields[0], int(fields[1]), fields[19])
+    return stats
+
+
+def descendants() -> list[tuple[int, str]]:
+    """This process's children, theirs, and so on, as (pid, start time); the start time tells a reused pid."""
+    stats = _proc_stats()
+    found, parents = [], {os.getpid()}
+    while parents:
+        children = {pid for pid, (_, ppid, _) in stats.items() if ppid in parents}
+        found += [(pid, stats[pid][2]) for pid in children]
+        parents = children
+    return found
+
+
+def end_processes(processes: list[tuple[int, str]], grace_s: float) -> None:
+    """Give ``processes`` ``grace_s`` seconds to end by themselves, then kill the ones still running."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        stats = _proc_stats()
+        alive = [pid for pid, start in processes if pid in stats and stats[pid][2] == start and stats[pid][0] != "Z"]
+        if not alive or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def backend_config(scenario: Scenario) -> dict:
@@ -32,7 +149,11 @@ def backend_config(scenario: Scenario) -> dict:
 
 
 def simulate(scenario: Scenario, out_dir: str | Path, *, name: str = "scenario", progress: bool = True) -> dict:
-    """Run every round of ``scenario`` through Flower + Ray; return the summary written to ``out_dir``."""
+    """Run every round of ``scenario`` through Flower + Ray; return the summary written to ``out_dir``.
+
+    On Ctrl-C the run stops after the rounds finished so far: their metrics stay in metrics.jsonl, summary.json
+    says ``"interrupted": true``, Ray and its processes are ended, then SimulationInterrupted is raised.
+    """
     os.environ.update(FLOWER_ENV)
     from flwr.app import Context  # imported late: Flower is slow to import and only needed here
     from flwr.serverapp import Grid, ServerApp
@@ -41,28 +162,50 @@ def simulate(scenario: Scenario, out_dir: str | Path, *, name: str = "scenario",
     from clients.app import app as client_app
     from fed_deq.workload import fleet_size
     from server.federation import run_federation
+    from tools.flower_patch import single_pass_dispatch
 
-    quiet_flower()  # after importing flwr, which sets up its own logger
-    use_single_pass_dispatch()
     # The server's dataset is generated while Ray starts (the recorder reads the memoised copy), not after it.
     threading.Thread(target=_prewarm_dataset, args=(scenario,), daemon=True).start()
     outcome: dict = {}
+    stop, server_done = threading.Event(), threading.Event()
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        quiet_flower()
-        outcome["summary"] = run_federation(grid, scenario, out_dir, name=name, progress=progress,
-                                            timeout_s=scenario.simulation.round_timeout_s)
+        try:
+            outcome["summary"] = run_federation(grid, scenario, out_dir, name=name, progress=progress,
+                                                timeout_s=scenario.simulation.round_timeout_s, stop=stop)
+        finally:
+            server_done.set()
 
-    try:
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=fleet_size(scenario),
-                       backend_name="ray", backend_config=backend_config(scenario))
-    except Exception as exc:  # noqa: BLE001 - re-raised with a one-line reason for the CLI
-        raise RunFailed(f"simulation failed: {exc}") from exc
+    with quiet_flower(), single_pass_dispatch(), stop_on_ctrl_c(stop) as ray_processes:
+        try:
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=fleet_size(scenario),
+                           backend_name="ray", backend_config=backend_config(scenario))
+        except KeyboardInterrupt:
+            _after_ctrl_c(stop, server_done, ray_processes)
+            raise SimulationInterrupted(outcome.get("summary")) from None
+        except Exception as exc:  # noqa: BLE001 - re-raised with a one-line reason for the CLI
+            raise RunFailed(f"simulation failed: {exc}") from exc
     if "summary" not in outcome:
         raise RunFailed("simulation ended before the ServerApp finished (see the log above)")
     return outcome["summary"]
+
+
+def _after_ctrl_c(stop: threading.Event, server_done: threading.Event, ray_processes: list[tuple[int, str]]) -> None:
+    """Let the ServerApp write its summary; make sure Ray and its processes are gone."""
+    stop.set()  # already set by stop_on_ctrl_c, unless the interrupt came from elsewhere
+    server_done.wait(STOP_GRACE_S)
+    shut_ray_down()
+    end_processes(ray_processes, RAY_EXIT_GRACE_S)
+
+
+def shut_ray_down() -> None:
+    """Stop this process's Ray instance if Flower has not (Ctrl-C while Ray was still starting skips Flower's)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def _prewarm_dataset(scenario: Scenario) -> None:
@@ -73,47 +216,3 @@ def _prewarm_dataset(scenario: Scenario) -> None:
         scenario_data(scenario)
     except Exception:  # noqa: BLE001 - the recorder loads it again and reports the error properly
         pass
-
-
-def use_single_pass_dispatch() -> None:
-    """Make Flower 1.42's simulation engine find undelivered messages in one pass over them.
-
-    Its dispatcher thread asks the in-memory LinkState for a message once per *node* every 0.1 s, and each ask
-    scans every stored message: nodes x messages checks per sweep (50,000 with 1,000 nodes and 50 messages in
-    flight, a quarter of a core; 1,000,000 during discovery). Measured on large-fleet.yaml (1,000 clients):
-    discovery 22 s -> 12 s, whole run 55 s -> 33 s. Same rules as Flower's own loop: expired messages are
-    dropped first, at most one message per node per sweep, each marked delivered before it is queued.
-    Other Flower versions keep their own loop.
-    """
-    import flwr
-    from flwr.server.superlink.fleet.vce import vce_api
-
-    if not flwr.__version__.startswith("1.42.") or getattr(vce_api.add_messages_to_queue, "single_pass", False):
-        return
-    flower_loop = vce_api.add_messages_to_queue
-
-    def add_messages_to_queue(state, queue, nodes_mapping, f_stop) -> None:
-        if not all(hasattr(state, a) for a in ("lock", "message_ins_store", "_check_stored_messages")):
-            return flower_loop(state, queue, nodes_mapping, f_stop)  # not the in-memory state we know
-        from flwr.supercore.date import now
-
-        nodes = set(nodes_mapping)
-        while not f_stop.is_set():
-            with state.lock:
-                state._check_stored_messages({mid for mid, m in state.message_ins_store.items()
-                                              if m.metadata.delivered_at == "" and m.metadata.dst_node_id in nodes})
-                batch, served = [], set()
-                for message in state.message_ins_store.values():
-                    meta = message.metadata
-                    if meta.delivered_at == "" and meta.dst_node_id in nodes and meta.dst_node_id not in served:
-                        served.add(meta.dst_node_id)
-                        batch.append(message)
-                stamp = now().isoformat()
-                for message in batch:
-                    message.metadata.delivered_at = stamp
-            for message in batch:
-                queue.put(message)
-            f_stop.wait(0.1)
-
-    add_messages_to_queue.single_pass = True
-    vce_api.add_messages_to_queue = add_messages_to_queue

@@ -31,6 +31,8 @@ fed_deq/fleet.py ``WorkCounts``), all counted on the whole batch because every c
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Callable
 
 import torch
@@ -38,7 +40,8 @@ from torch import Tensor
 
 from .solvers import solve
 
-BACKWARD_MODES = ("one-step", "implicit", "phantom")
+#: A gradient path: ``(f, z_star, *, backward_max_iter, solver, tol, solver_options, damping, stats) -> z``.
+GradientPath = Callable[..., Tensor]
 
 
 def check_backward(mode: str, backward_max_iter: int, damping: float) -> None:
@@ -56,26 +59,27 @@ def attach_gradient(f: Callable[[Tensor], Tensor], z_eval: Tensor, *, mode: str,
                     stats: dict) -> Tensor:
     """Return z (with autograd) built from the solver's evaluated point ``z_eval``; see the module docstring."""
     check_backward(mode, backward_max_iter, damping)
-    z_star = z_eval.detach()
-    batch = z_star.shape[0]
-    device = z_star.device
-    if mode == "one-step":
-        z = f(z_star)
-        _record_on_backward(z, stats, _cost(batch, device, iterations=1, grad_evals=1, vjp_calls=0))
-        return z
-    if mode == "phantom":
-        z = z_star
-        for _ in range(backward_max_iter):
-            z = torch.lerp(z, f(z), damping) if damping != 1.0 else f(z)
-        _record_on_backward(z, stats, _cost(batch, device, iterations=backward_max_iter,
-                                            grad_evals=backward_max_iter, vjp_calls=backward_max_iter - 1))
-        return z
-    return _implicit(f, z_star, backward_max_iter=backward_max_iter, solver=solver, tol=tol,
-                     solver_options=solver_options, stats=stats)
+    return BACKWARD_MODES[mode](f, z_eval.detach(), backward_max_iter=backward_max_iter, solver=solver, tol=tol,
+                                solver_options=solver_options, damping=damping, stats=stats)
+
+
+def _one_step(f, z_star: Tensor, *, stats: dict, **_) -> Tensor:
+    z = f(z_star)
+    _record_on_backward(z, stats, _cost(z_star.shape[0], z_star.device, iterations=1, grad_evals=1, vjp_calls=0))
+    return z
+
+
+def _phantom(f, z_star: Tensor, *, backward_max_iter: int, damping: float, stats: dict, **_) -> Tensor:
+    z = z_star
+    for _ in range(backward_max_iter):
+        z = torch.lerp(z, f(z), damping) if damping != 1.0 else f(z)
+    _record_on_backward(z, stats, _cost(z_star.shape[0], z_star.device, iterations=backward_max_iter,
+                                        grad_evals=backward_max_iter, vjp_calls=backward_max_iter - 1))
+    return z
 
 
 def _implicit(f, z_star: Tensor, *, backward_max_iter: int, solver: str, tol: float, solver_options: dict,
-              stats: dict) -> Tensor:
+              stats: dict, **_) -> Tensor:
     z_in = z_star.clone().requires_grad_()
     z_out = f(z_in)
     if not z_out.requires_grad:
@@ -131,3 +135,11 @@ def _cost(batch: int, device, *, iterations: int, grad_evals: int, vjp_calls: in
         "vjp_calls": torch.tensor(vjp_calls, dtype=torch.int64, device=device),
         "adjoint_f_calls": torch.tensor(adjoint_f_calls, dtype=torch.int64, device=device),
     }
+
+
+#: Backward mode → its gradient path. The scenario's ``model.backward`` is checked against these names.
+BACKWARD_MODES: Mapping[str, GradientPath] = MappingProxyType({
+    "one-step": _one_step,
+    "implicit": _implicit,
+    "phantom": _phantom,
+})

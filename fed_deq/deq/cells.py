@@ -23,6 +23,9 @@ Contraction control (the stored parameters are always plain tensors that can be 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Callable
 
 import torch
@@ -31,10 +34,26 @@ from torch import Tensor, nn
 
 from .flops import eigh_flops, fft_flops, matmul_flops, svd_flops
 
-CELL_KINDS = ("mlp", "conv1d", "conv2d")
-CONTRACTIONS = ("none", "spectral", "monotone")
 _INIT_NORM = 0.5        # operator norm of the recurrent weight at initialisation
 _MONOTONE_INIT_NORM = 0.3
+
+
+@dataclass(frozen=True)
+class CellKind:
+    """What a cell kind's recurrent operator W is: a dense matrix (no ``conv``) or a same-padded convolution
+    over ``spatial_dims`` dimensions (``conv``/``conv_transpose`` are torch's functional ops)."""
+
+    spatial_dims: int
+    conv: Callable[..., Tensor] | None = None
+    conv_transpose: Callable[..., Tensor] | None = None
+
+
+#: Cell kind → its operator. The scenario's ``model.cell`` is checked against these names.
+CELLS: Mapping[str, CellKind] = MappingProxyType({
+    "mlp": CellKind(spatial_dims=0),
+    "conv1d": CellKind(spatial_dims=1, conv=F.conv1d, conv_transpose=F.conv_transpose1d),
+    "conv2d": CellKind(spatial_dims=2, conv=F.conv2d, conv_transpose=F.conv_transpose2d),
+})
 
 
 class DEQCell(nn.Module):
@@ -51,13 +70,23 @@ class DEQCell(nn.Module):
         self.contraction = contraction
         self.spectral_gain = float(spectral_gain)
         self.monotone_margin = float(monotone_margin)
-        self.kernel_size = kernel_size if kind != "mlp" else 1
-        shape = _weight_shape(kind, width, self.kernel_size)
-        if contraction == "monotone":
-            self.A = nn.Parameter(torch.empty(shape, device=device))
-            self.B = nn.Parameter(torch.empty(shape, device=device))
-        else:
-            self.weight = nn.Parameter(torch.empty(shape, device=device))
+        self.kernel_size = kernel_size if not self.dense else 1
+        for name in self._control.parameters:
+            setattr(self, name, nn.Parameter(torch.empty(self.weight_shape, device=device)))
+
+    # The registry entries are looked up by name rather than stored, so a cell pickles like any nn.Module.
+    @property
+    def _op(self) -> CellKind:
+        return CELLS[self.kind]
+
+    @property
+    def _control(self) -> Contraction:
+        return CONTRACTIONS[self.contraction]
+
+    @property
+    def dense(self) -> bool:
+        """True when W is a matrix (``mlp``), False for a convolution."""
+        return self._op.conv is None
 
     @property
     def state_shape(self) -> tuple[int, ...]:
@@ -67,33 +96,31 @@ class DEQCell(nn.Module):
     def reset_parameters(self, generator: torch.Generator) -> None:
         """Draw the recurrent weights from ``generator``, scaled to a moderate operator norm."""
         with torch.no_grad():
-            names = ("A", "B") if self.contraction == "monotone" else ("weight",)
-            target = _MONOTONE_INIT_NORM if self.contraction == "monotone" else _INIT_NORM
-            for name in names:
+            target = self._control.init_norm
+            for name in self._control.parameters:
                 param = getattr(self, name)
                 nn.init.kaiming_uniform_(param, a=math.sqrt(5), generator=generator)
                 param.mul_(target / float(self.operator_norm(param)))
 
     def operator_norm(self, weight: Tensor) -> Tensor:
         """Operator norm (or, for convolutions, an upper bound of it) of ``z -> weight * z``."""
-        if self.kind == "mlp":
+        if self.dense:
             return torch.linalg.matrix_norm(weight, ord=2)
         return conv_operator_norm(weight, self.spatial)
 
     def bind(self, u: Tensor) -> Callable[[Tensor], Tensor]:
         """Return ``f(z) = f(z, u)``; the effective weights are computed here once, with autograd."""
-        if self.contraction == "monotone":
-            return self._bind_monotone(u)
-        weight = self.weight
-        if self.contraction == "spectral":
-            scale = torch.clamp(self.spectral_gain / self.operator_norm(weight), max=1.0)
-            weight = weight * scale
+        return self._control.bind(self, u)
+
+    def relu_affine(self, weight: Tensor, u: Tensor) -> Callable[[Tensor], Tensor]:
+        """``f(z) = relu(W z + u)`` with ``W`` this cell's operator built from ``weight``."""
         linear = self._linear(weight)
         return lambda z: F.relu(linear(z) + u)
 
-    def _bind_monotone(self, u: Tensor) -> Callable[[Tensor], Tensor]:
+    def bind_monotone(self, u: Tensor) -> Callable[[Tensor], Tensor]:
+        """The monDEQ forward-backward splitting step (see the module docstring)."""
         m = self.monotone_margin
-        if self.kind == "mlp":
+        if self.dense:
             eye = torch.eye(self.width, dtype=self.A.dtype, device=self.A.device)
             i_minus_w = m * eye + self.A.T @ self.A - self.B + self.B.T
             # The step size only sets the speed of the splitting, not its fixed points: keep it out of autograd.
@@ -111,16 +138,15 @@ class DEQCell(nn.Module):
         return lambda z: F.relu(conv(z, direct) - conv_t(conv(z, a_scaled), a_scaled) + alpha * u)
 
     def _linear(self, weight: Tensor) -> Callable[[Tensor], Tensor]:
-        if self.kind == "mlp":
+        if self.dense:
             return lambda z: z @ weight.T
         conv, _ = self._conv_pair()
         return lambda z: conv(z, weight)
 
     def _conv_pair(self):
         pad = self.kernel_size // 2
-        if self.kind == "conv1d":
-            return (lambda z, w: F.conv1d(z, w, padding=pad)), (lambda z, w: F.conv_transpose1d(z, w, padding=pad))
-        return (lambda z, w: F.conv2d(z, w, padding=pad)), (lambda z, w: F.conv_transpose2d(z, w, padding=pad))
+        conv, conv_t = self._op.conv, self._op.conv_transpose
+        return (lambda z, w: conv(z, w, padding=pad)), (lambda z, w: conv_t(z, w, padding=pad))
 
     def flops(self) -> int:
         """FLOPs (2 x multiply-adds) of one f(z, u) evaluation for one sample."""
@@ -128,7 +154,7 @@ class DEQCell(nn.Module):
         taps = self.kernel_size ** len(self.spatial)
         one = 2 * self.width * self.width * taps * positions
         # Monotone convolutions cost three convolutions per step (direct, A, A^T); the mlp one folds into one.
-        return 3 * one if (self.contraction == "monotone" and self.kind != "mlp") else one
+        return one if self.dense else self._control.conv_evals * one
 
     def norm_flops(self, *, training: bool = True) -> float:
         """FLOPs of one call of the weight normalisation that :meth:`bind` runs (once per model forward).
@@ -152,19 +178,12 @@ class DEQCell(nn.Module):
         - ``monotone``, convolutions: two operator norms without autograd (of ``A`` and ``B - B^T``): rfft,
           Gram matrices, eigvalsh and the singular values of one frequency each; nothing in backward.
         """
-        if self.contraction == "none":
-            return 0.0
-        w = self.width
-        if self.kind == "mlp":
-            if self.contraction == "spectral":
-                svd = svd_flops(w, w, vectors=training)
-                return svd + (matmul_flops(w, w, w) if training else 0.0)
-            gram = matmul_flops(w, w, w)
-            return gram + svd_flops(w, w, vectors=False) + (2 * matmul_flops(w, w, w) if training else 0.0)
-        shape = _weight_shape(self.kind, w, self.kernel_size)
-        if self.contraction == "spectral":
-            return conv_norm_flops(shape, self.spatial, with_grad=training)
-        return 2 * conv_norm_flops(shape, self.spatial, with_grad=False)
+        return self._control.norm_flops(self, training)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Shape of each recurrent weight tensor."""
+        return _weight_shape(self._op, self.width, self.kernel_size)
 
 
 def conv_operator_norm(weight: Tensor, spatial: tuple[int, ...]) -> Tensor:
@@ -227,28 +246,90 @@ def _identity_kernel(like: Tensor) -> Tensor:
     return kernel
 
 
-def _weight_shape(kind: str, width: int, kernel_size: int) -> tuple[int, ...]:
-    if kind == "mlp":
-        return (width, width)
-    if kind == "conv1d":
-        return (width, width, kernel_size)
-    return (width, width, kernel_size, kernel_size)
+def _weight_shape(op: CellKind, width: int, kernel_size: int) -> tuple[int, ...]:
+    return (width, width, *(kernel_size,) * op.spatial_dims)
 
 
 def _check_cell_args(kind, width, spatial, contraction, spectral_gain, monotone_margin, kernel_size) -> None:
-    if kind not in CELL_KINDS:
-        raise ValueError(f"unknown cell {kind!r}; valid cells: {list(CELL_KINDS)}")
+    if kind not in CELLS:
+        raise ValueError(f"unknown cell {kind!r}; valid cells: {list(CELLS)}")
     if contraction not in CONTRACTIONS:
         raise ValueError(f"unknown contraction {contraction!r}; valid contractions: {list(CONTRACTIONS)}")
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise ValueError(f"width must be an integer >= 1, got {width!r}")
-    expected = {"mlp": 0, "conv1d": 1, "conv2d": 2}[kind]
+    expected = CELLS[kind].spatial_dims
     if len(spatial) != expected:
         raise ValueError(f"cell {kind!r} needs {expected} spatial dimension(s), got {tuple(spatial)}")
-    if contraction == "spectral" and not (isinstance(spectral_gain, (int, float)) and 0 < spectral_gain < 1):
-        raise ValueError(f"spectral_gain must be in (0, 1) for contraction 'spectral', got {spectral_gain!r}")
-    if contraction == "monotone" and not (isinstance(monotone_margin, (int, float)) and 0 < monotone_margin <= 1):
-        raise ValueError(f"monotone_margin must be in (0, 1], got {monotone_margin!r}")
-    if kind != "mlp" and (isinstance(kernel_size, bool) or not isinstance(kernel_size, int)
-                          or kernel_size < 1 or kernel_size % 2 == 0):
+    CONTRACTIONS[contraction].check(spectral_gain, monotone_margin)
+    if expected and (isinstance(kernel_size, bool) or not isinstance(kernel_size, int)
+                     or kernel_size < 1 or kernel_size % 2 == 0):
         raise ValueError(f"kernel_size must be an odd integer >= 1, got {kernel_size!r}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Contraction control: one entry per way of keeping f a contraction.
+
+
+@dataclass(frozen=True)
+class Contraction:
+    """A contraction control: the weights it stores, how it binds ``f``, what its normalisation costs."""
+
+    parameters: tuple[str, ...]                         # nn.Parameters of the cell, in registration order
+    init_norm: float                                    # operator norm of each at initialisation
+    bind: Callable[[DEQCell, Tensor], Callable[[Tensor], Tensor]]
+    norm_flops: Callable[[DEQCell, bool], float]        # (cell, training) -> FLOPs per bind
+    check: Callable[[float, float], None]               # (spectral_gain, monotone_margin) -> raise if bad
+    conv_evals: int = 1                                 # convolutions per f evaluation (convolution cells)
+
+
+def _bind_plain(cell: DEQCell, u: Tensor) -> Callable[[Tensor], Tensor]:
+    return cell.relu_affine(cell.weight, u)
+
+
+def _bind_spectral(cell: DEQCell, u: Tensor) -> Callable[[Tensor], Tensor]:
+    weight = cell.weight
+    scale = torch.clamp(cell.spectral_gain / cell.operator_norm(weight), max=1.0)
+    return cell.relu_affine(weight * scale, u)
+
+
+def _spectral_norm_flops(cell: DEQCell, training: bool) -> float:
+    w = cell.width
+    if cell.dense:
+        svd = svd_flops(w, w, vectors=training)
+        return svd + (matmul_flops(w, w, w) if training else 0.0)
+    return conv_norm_flops(cell.weight_shape, cell.spatial, with_grad=training)
+
+
+def _monotone_norm_flops(cell: DEQCell, training: bool) -> float:
+    w = cell.width
+    if cell.dense:
+        gram = matmul_flops(w, w, w)
+        return gram + svd_flops(w, w, vectors=False) + (2 * matmul_flops(w, w, w) if training else 0.0)
+    return 2 * conv_norm_flops(cell.weight_shape, cell.spatial, with_grad=False)
+
+
+def _no_norm_flops(cell: DEQCell, training: bool) -> float:
+    return 0.0
+
+
+def _check_nothing(spectral_gain, monotone_margin) -> None:
+    return None
+
+
+def _check_gain(spectral_gain, monotone_margin) -> None:
+    if not (isinstance(spectral_gain, (int, float)) and 0 < spectral_gain < 1):
+        raise ValueError(f"spectral_gain must be in (0, 1) for contraction 'spectral', got {spectral_gain!r}")
+
+
+def _check_margin(spectral_gain, monotone_margin) -> None:
+    if not (isinstance(monotone_margin, (int, float)) and 0 < monotone_margin <= 1):
+        raise ValueError(f"monotone_margin must be in (0, 1], got {monotone_margin!r}")
+
+
+#: Contraction name → how it works. The scenario's ``model.contraction`` is checked against these names.
+CONTRACTIONS: Mapping[str, Contraction] = MappingProxyType({
+    "none": Contraction(("weight",), _INIT_NORM, _bind_plain, _no_norm_flops, _check_nothing),
+    "spectral": Contraction(("weight",), _INIT_NORM, _bind_spectral, _spectral_norm_flops, _check_gain),
+    "monotone": Contraction(("A", "B"), _MONOTONE_INIT_NORM, DEQCell.bind_monotone, _monotone_norm_flops,
+                            _check_margin, conv_evals=3),
+})

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .backward import attach_gradient, check_backward
-from .cells import CELL_KINDS, DEQCell
+from .cells import CELLS, DEQCell
 from .solvers import find_fixed_point, iteration_flops
 
 _POOLED_SIDE = 4
@@ -70,7 +70,7 @@ class DEQClassifier(nn.Module):
         if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"input must have shape [B, {', '.join(map(str, self.input_shape))}], "
                              f"got {list(x.shape)}")
-        if self.kind == "mlp":
+        if self.cell.dense:
             x = x.reshape(x.shape[0], -1)
         elif self._channels_last:
             x = x.movedim(-1, 1)
@@ -142,8 +142,8 @@ def build_model(cell: str = "conv1d", input_shape: tuple[int, ...] = (40,), num_
     Defaults stay under 100k parameters for the shapes used here (digits 64, MNIST-1D 40, 28x28x1,
     32x32x3). Raises ValueError for an unknown cell or contraction, or a shape the cell cannot take.
     """
-    if cell not in CELL_KINDS:
-        raise ValueError(f"unknown cell {cell!r}; valid cells: {list(CELL_KINDS)}")
+    if cell not in CELLS:
+        raise ValueError(f"unknown cell {cell!r}; valid cells: {list(CELLS)}")
     input_shape = _check_shape(input_shape)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
@@ -172,28 +172,33 @@ def _check_shape(input_shape) -> tuple[int, ...]:
     return shape
 
 
+# The architecture around a cell follows its operator's spatial rank (CELLS[cell].spatial_dims): 0 a dense
+# vector state, 1 a sequence, 2 an image.
+_SHAPES_TAKEN = {1: "(L,) or (C, L)", 2: "(H, W), (C, H, W) or (H, W, C)"}
+
+
+def _rank(cell: str) -> int:
+    return CELLS[cell].spatial_dims
+
+
 def _layout(cell: str, shape: tuple[int, ...]) -> tuple[int, tuple[int, ...], bool]:
     """(channels, spatial shape, channels_last) of an input shape for a cell kind."""
-    if cell == "mlp":
+    rank = _rank(cell)
+    if rank == 0:
         return math.prod(shape), (), False
-    if cell == "conv1d":
-        if len(shape) == 1:
-            return 1, shape, False
-        if len(shape) == 2:
-            return shape[0], shape[1:], False
-        raise ValueError(f"cell 'conv1d' takes input_shape (L,) or (C, L), got {shape}")
-    if len(shape) == 2:
+    if len(shape) == rank:
         return 1, shape, False
-    if len(shape) == 3:
-        if shape[-1] <= 4 < shape[0]:
+    if len(shape) == rank + 1:
+        # Images may come channels-last, (H, W, C): a last dimension of at most 4 after a larger first one.
+        if rank == 2 and shape[-1] <= 4 < shape[0]:
             return shape[-1], shape[:2], True
         return shape[0], shape[1:], False
-    raise ValueError(f"cell 'conv2d' takes input_shape (H, W), (C, H, W) or (H, W, C), got {shape}")
+    raise ValueError(f"cell {cell!r} takes input_shape {_SHAPES_TAKEN[rank]}, got {shape}")
 
 
 def _state_spatial(cell: str, spatial: tuple[int, ...]) -> tuple[int, ...]:
-    # conv2d downsamples by 2 in the encoder: a 14x14 state costs a quarter of a 28x28 one per iteration.
-    if cell == "conv2d":
+    # Images are downsampled by 2 in the encoder: a 14x14 state costs a quarter of a 28x28 one per iteration.
+    if _rank(cell) == 2:
         return tuple((n + 1) // 2 for n in spatial)
     return spatial
 
@@ -203,9 +208,10 @@ def _groups(width: int) -> int:
 
 
 def _encoder(cell: str, channels: int, spatial: tuple[int, ...], width: int, device) -> tuple[nn.Module, int]:
-    if cell == "mlp":
+    rank = _rank(cell)
+    if rank == 0:
         return nn.Linear(channels, width, device=device), 2 * channels * width
-    if cell == "conv1d":
+    if rank == 1:
         conv = nn.Conv1d(channels, width, 5, padding=2, device=device)
         flops = 2 * channels * width * 5 * spatial[0]
     else:
@@ -216,9 +222,10 @@ def _encoder(cell: str, channels: int, spatial: tuple[int, ...], width: int, dev
 
 def _head(cell: str, state_spatial: tuple[int, ...], width: int, num_classes: int,
           device) -> tuple[nn.Module, int]:
-    if cell == "mlp":
+    rank = _rank(cell)
+    if rank == 0:
         features, pool = width, []
-    elif cell == "conv1d":
+    elif rank == 1:
         features, pool = width * state_spatial[0], []
     else:
         side = tuple(min(_POOLED_SIDE, n) for n in state_spatial)

@@ -7,6 +7,10 @@ counts (never the client's).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
 import numpy as np
 from flwr.app import Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.app.constants import DEFAULT_TTL
@@ -20,15 +24,18 @@ from wire.records import from_array_record, to_array_record
 _COMMON = {"fraction_evaluate": 0.0, "min_train_nodes": 1, "min_available_nodes": 1}
 
 
+#: The core's rules with ``adapter="flower"`` (fed_deq/rules.py) → Flower's strategy, from the fusion section.
+FLOWER_STRATEGIES: Mapping[str, Callable[[Any], Strategy]] = MappingProxyType({
+    "fedmedian": lambda f: FedMedian(**_COMMON),                                      # Yin et al. 2018
+    "fedtrimmedavg": lambda f: FedTrimmedAvg(beta=f.trim_beta, **_COMMON),            # Yin et al. 2018
+    "krum": lambda f: Krum(num_malicious_nodes=f.krum_malicious, **_COMMON),          # Blanchard et al. 2017
+})
+
+
 def flower_strategy(scenario: Scenario) -> Strategy | None:
     """Flower's strategy for a robust ``fusion.rule``, configured from the scenario; None for fed-deq's rules."""
-    f = scenario.fusion
-    factories = {
-        "fedmedian": lambda: FedMedian(**_COMMON),                                        # Yin et al. 2018
-        "fedtrimmedavg": lambda: FedTrimmedAvg(beta=f.trim_beta, **_COMMON),              # Yin et al. 2018
-        "krum": lambda: Krum(num_malicious_nodes=f.krum_malicious, **_COMMON),            # Blanchard et al. 2017
-    }
-    return factories[f.rule]() if f.rule in factories else None
+    make = FLOWER_STRATEGIES.get(scenario.fusion.rule)
+    return make(scenario.fusion) if make is not None else None
 
 
 def robust_fuser(scenario: Scenario) -> Fuser | None:

@@ -1,0 +1,116 @@
+"""What `fed-deq tune` and `fed-deq compare` share: running one simulation, scoring it, and writing outputs.
+
+A *runner* is a callable ``run(scenario, out_dir, name) -> summary`` that simulates the whole scenario and
+leaves metrics.jsonl in ``out_dir``. The default runs Flower + Ray in this process; several runs at once
+each need their own process (Ray is one per process). Tests pass a runner that simulates in-process
+without Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fed_deq import results
+from fed_deq.errors import InputError, RunFailed
+from fed_deq.scenario import Scenario, dump_scenario, parse_scenario
+
+DEFAULT_TARGET = 0.8
+
+#: ``run(scenario, out_dir, name) -> summary``: one whole simulation writing metrics.jsonl into ``out_dir``.
+RunFn = Callable[[Scenario, Path, str], dict]
+
+
+def fusion_rules() -> tuple[str, ...]:
+    """Names of the fusion rules a scenario may choose (``fusion.rule``), from the core's registry."""
+    from fed_deq.rules import FUSION_RULES
+
+    return tuple(FUSION_RULES)
+
+
+def quality_scores() -> tuple[str, ...]:
+    """Names of the client quality scores the quality rule may use (``fusion.score``), from the core's registry."""
+    from fed_deq.fusion import QUALITY_SCORES
+
+    return tuple(QUALITY_SCORES)
+
+
+def check_target(target: float) -> None:
+    """A target accuracy must lie in (0, 1]."""
+    if not (isinstance(target, (int, float)) and math.isfinite(target) and 0 < target <= 1):
+        raise InputError(f"--target: must be an accuracy in (0, 1], got {target}")
+
+
+def with_values(scenario: Scenario, section: str, values: Mapping[str, Any], source: str) -> Scenario:
+    """A new scenario with keys of one section replaced, validated like a scenario file read from ``source``."""
+    import yaml
+
+    data = yaml.safe_load(dump_scenario(scenario))  # the public round trip: scenarios are immutable
+    data[section].update(values)
+    return parse_scenario(data, source)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Runners
+
+
+def run_in_process(scenario: Scenario, out_dir: Path, name: str) -> dict:
+    """One simulation through Flower + Ray in this process (Ray starts and stops inside)."""
+    from tools.simulate import simulate
+
+    return simulate(scenario, out_dir, name=name, progress=False)
+
+
+def run_in_subprocess(scenario: Scenario, out_dir: Path, name: str) -> dict:
+    """One simulation in a ``fed-deq simulate`` child process: Ray is per process, so parallel runs need one each."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = out_dir / "input" / f"{name}.yaml"  # the file stem names the run
+    source.parent.mkdir(exist_ok=True)
+    dump_scenario(scenario, source)
+    command = [sys.executable, "-m", "tools.cli", "simulate", str(source), "--out", str(out_dir), "--no-progress"]
+    log_path = out_dir / "simulate.log"
+    with open(log_path, "w", encoding="utf-8") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+    if code in (130, -2):  # the child got the terminal's Ctrl-C too: the whole command is being interrupted
+        raise KeyboardInterrupt
+    if code != 0:
+        lines = log_path.read_text(encoding="utf-8").strip().splitlines()
+        raise RunFailed(f"fed-deq simulate exited {code}: {lines[-1] if lines else 'no output'}")
+    return json.loads((out_dir / results.SUMMARY_FILE).read_text(encoding="utf-8"))
+
+
+def default_runner(jobs: int) -> RunFn:
+    """In-process runs for one job at a time; a child process per run when several run at once."""
+    return run_in_process if jobs == 1 else run_in_subprocess
+
+
+# --------------------------------------------------------------------------------------------------------
+# Scoring and writing
+
+
+def run_figures(metrics: Sequence[dict], rule: str, target: float) -> dict[str, Any]:
+    """Final and best accuracy, simulated seconds to ``target`` (None if never reached) and in all, of one run."""
+    summary = results.summarise(metrics, scenario_name="", fusion_rule=rule, wall_time_s=0.0)
+    return {"final_accuracy": summary["final_accuracy"], "best_accuracy": summary["best_accuracy"],
+            "time_to_target_s": results.time_to_target(metrics, target) if metrics else None,
+            "sim_time_s": summary["sim_time_s"]}
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, cut to ``limit`` characters (for a CSV cell or a progress line)."""
+    return " ".join(str(error).split())[:limit] or type(error).__name__
+
+
+def write_csv(path: Path, frame) -> Path:
+    """A pandas DataFrame as CSV (no index; missing values empty, floats in full precision), atomically."""
+    return results.write_atomic(path, frame.to_csv(index=False, lineterminator="\n"))
+
+
+def save_figure(figure, path: Path) -> Path:
+    """A matplotlib figure as PNG, atomically."""
+    return results.write_atomic(path, lambda handle: figure.savefig(handle, format="png"))
