@@ -160,12 +160,20 @@ def exclusive_dir(out_dir: Path) -> Iterator[None]:
         yield
 
 
-def quiet_optuna() -> None:
-    """Optuna logs every trial, and every failure with its traceback; fed-deq shows its own progress."""
+@contextlib.contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """Inside the block, Optuna's per-trial log lines and its notices about experimental features (the
+    heartbeat retry) stay off the terminal: fed-deq shows its own progress. Both are restored on exit."""
     import optuna
 
+    verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+            yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def tune(scenario: Scenario, out_dir: str | Path, settings: TuneSettings, *, name: str = "scenario",
@@ -178,8 +186,7 @@ def tune(scenario: Scenario, out_dir: str | Path, settings: TuneSettings, *, nam
     check_existing_study(out_dir, scenario, settings)
     console = console or Console(stderr=True)
     objective = Objective(scenario, settings, out_dir, name, run or runs.default_runner(settings.jobs))
-    quiet_optuna()
-    with exclusive_dir(out_dir):
+    with quiet_optuna(), exclusive_dir(out_dir):
         study = open_study(out_dir, scenario, settings)
         retried = requeue_orphans(out_dir)
         if retried:
