@@ -123,7 +123,11 @@ def register(subparsers) -> None:
     """Add the `compare` sub-command to the fed-deq parser."""
     from tools.args import add_scenario_args
 
-    p = subparsers.add_parser("compare", help="run a scenario once per fusion rule and compare them")
+    p = subparsers.add_parser(
+        "compare", help="run a scenario once per fusion rule and compare them",
+        description="Run a scenario once per fusion rule, with the same seed, and write compare.csv (final and "
+                    "best accuracy, simulated time to the target accuracy, wall time), compare.png (accuracy "
+                    "curves) and one run folder per rule.")
     add_scenario_args(p, optional=False)
     p.add_argument("--rules", required=True, help=f"comma-separated, from: {', '.join(runs.fusion_rules())}")
     p.add_argument("--target", type=float, default=runs.DEFAULT_TARGET,

@@ -38,8 +38,10 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add the `compose` and `deploy-local` sub-commands to the fed-deq command line."""
-    p = subparsers.add_parser("compose", help="write a docker-compose file that runs a scenario's clients "
-                                              "as containers")
+    p = subparsers.add_parser(
+        "compose", help="write a docker-compose file that runs a scenario's clients as containers",
+        description="Write a docker-compose file that runs the scenario as containers: the server, and one "
+                    "client container per device, each limited to its tier's share of the CPU.")
     add_scenario_args(p, optional=False)
     p.add_argument("--out", default="docker-compose.yml",
                    help="the compose file to write (default docker-compose.yml)")
@@ -50,8 +52,10 @@ def register(subparsers) -> None:
     p.add_argument("--run-name", default=None, help="the run's outputs go to ./runs/NAME "
                                                     "(default: the scenario file's name)")
     p.set_defaults(func=cmd_compose)
-    p = subparsers.add_parser("deploy-local", help="run a scenario with real Flower server and client "
-                                                   "processes on this machine")
+    p = subparsers.add_parser(
+        "deploy-local", help="run a scenario with real Flower server and client processes on this machine",
+        description="Run the scenario with a real Flower server and one client process per device on this "
+                    "machine (loopback only), and write the same files as simulate, plus deploy-logs/.")
     add_scenario_args(p, optional=False)
     p.add_argument("--out", required=True,
                    help="output folder (metrics.jsonl, summary.json, progress.json, deploy-logs/)")

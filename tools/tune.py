@@ -249,8 +249,11 @@ def register(subparsers) -> None:
     """Add the `tune` sub-command to the fed-deq parser."""
     from tools.args import add_scenario_args
 
-    p = subparsers.add_parser("tune", help="search the fusion rule's parameters for the best accuracy or "
-                                           "time to target (resumable)")
+    p = subparsers.add_parser(
+        "tune", help="search the fusion rule's parameters for the best accuracy or time to target (resumable)",
+        description="Search the fusion rule's parameters (and with --search-rule the rule itself) for the best "
+                    "final or best accuracy, or the shortest simulated time to a target accuracy. Each trial is one "
+                    "full simulation. Running again with the same --out resumes the search.")
     add_scenario_args(p, optional=False)
     p.add_argument("--trials", type=int, required=True, help="total completed trials wanted (resume counts them)")
     p.add_argument("--objective", choices=OBJECTIVES, default="final_accuracy",
