@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fed_deq import adversary
@@ -55,6 +54,6 @@ def train(msg: Message, context: Context) -> Message:
         proximal_mu=request.proximal_mu, attack=attack,
     )
     if result.warm_start.size:
-        context.state[_WARM_KEY] = ArrayRecord({"z": Array(np.ascontiguousarray(result.warm_start))})
+        context.state[_WARM_KEY] = to_array_record({"z": result.warm_start})
     content = RecordDict({"arrays": to_array_record(result.arrays), "metrics": MetricRecord(result.metrics)})
     return Message(content, reply_to=msg)
