@@ -8,11 +8,12 @@ without Ray.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,16 @@ def run_in_subprocess(scenario: Scenario, out_dir: Path, name: str) -> dict:
 def default_runner(jobs: int) -> RunFn:
     """In-process runs for one job at a time; a child process per run when several run at once."""
     return run_in_process if jobs == 1 else run_in_subprocess
+
+
+@contextlib.contextmanager
+def study_engine(scenario: Scenario, jobs: int = 1) -> Iterator[RunFn]:
+    """The runner a study (compare, tune) uses for all its simulations, set up once for the whole study.
+
+    (Interim: yields ``default_runner(jobs)``; the shared-engine version keeps one Ray instance and the cached
+    dataset across all runs.)
+    """
+    yield default_runner(jobs)
 
 
 # --------------------------------------------------------------------------------------------------------
