@@ -9,7 +9,7 @@ TORCH_PIP_ARGS ?=
 STAMP  := $(VENV)/.fed-deq-installed
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: install run test bench bench-solvers deploy-local test-containers clean
+.PHONY: install run test bench bench-solvers bench-scale study deploy-local test-containers clean
 
 install: $(STAMP)
 
@@ -29,8 +29,17 @@ test: $(STAMP)
 bench-solvers: $(STAMP)
 	$(BIN)/python benchmarks/solvers.py
 
+# The 100- vs 10,000-client fleet alone (about 6 min; `make bench` runs it too): docs/scale.md.
+bench-scale: $(STAMP)
+	$(BIN)/python benchmarks/scale.py
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
+
+# docs/results.md and its figures: heterogeneous-fleet.yaml, 4 models x 3 rules x 5 seeds = 60 runs in one engine.
+# Wall time: WALLTIME_TBD on this 2-core machine; an interrupted study resumes (finished runs are reused).
+study: $(STAMP)
+	$(BIN)/python benchmarks/study.py
 
 deploy-local: $(STAMP)
 	$(BIN)/fed-deq deploy-local scenarios/default.yaml --out runs/deploy-local

@@ -7,6 +7,10 @@ baseline of ``overhead_ratio``, the fast path for multi-seed studies, and writes
 reply) for the warm-start figure.
 
     .venv/bin/python benchmarks/bare_loop.py scenarios/default.yaml --out runs/bench/bare [--set k=v ...]
+
+With ``--variants fedavg@0,quality@0,...`` it runs the scenario once per fusion rule and seed, one after the
+other in this one process (into DIR/<rule>/seed-<seed>/, as ``fed-deq compare`` lays its runs out), and prints
+each run's wall time: the work of each run of a study without the study's engine.
 """
 
 from __future__ import annotations
@@ -69,14 +73,30 @@ def bare_loop(scenario: Scenario, out_dir: str | Path, *, name: str = "scenario"
         return recorder.finish()
 
 
+def run_variants(scenario_path: str, overrides: list[str], variants: str, out_dir: Path) -> list[dict]:
+    """Each ``rule@seed`` of ``variants`` run by ``bare_loop`` in turn; their rule, seed and wall seconds."""
+    walls = []
+    for variant in variants.split(","):
+        rule, seed = variant.strip().split("@")
+        scenario = load_scenario(scenario_path, [*overrides, f"fusion.rule={rule}", f"seed={int(seed)}"])
+        started = time.perf_counter()
+        bare_loop(scenario, out_dir / rule / f"seed-{int(seed)}", name=Path(scenario_path).stem)
+        walls.append({"rule": rule, "seed": int(seed), "wall_s": time.perf_counter() - started})
+    return walls
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command line: SCENARIO --out DIR [--set k=v ...]."""
+    """Command line: SCENARIO --out DIR [--set k=v ...] [--variants RULE@SEED,...]."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scenario")
     parser.add_argument("--out", required=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--variants", help="comma-separated rule@seed: one run each, in this process")
     args = parser.parse_args(argv)
     started = time.perf_counter()
+    if args.variants:
+        print(json.dumps({"runs": run_variants(args.scenario, args.overrides, args.variants, Path(args.out))}))
+        return 0
     summary = bare_loop(load_scenario(args.scenario, args.overrides), args.out, name=Path(args.scenario).stem)
     print(json.dumps({"final_accuracy": summary["final_accuracy"], "wall_s": time.perf_counter() - started}))
     return 0

@@ -6,50 +6,13 @@ so; everything with a number from this run comes from results.json.
 
 from __future__ import annotations
 
+from benchmarks.overhead_notes import overhead_note, per_update_note, study_note
+
 
 def _verdict(fig: dict) -> str:
     if fig.get("met") is None:
         return "no goal"
     return f"goal {fig['goal']}: {'met' if fig['met'] else 'missed'}"
-
-
-def overhead_note(fig: dict) -> str:
-    """Why the Flower + Ray run costs what it costs, next to the bare loop."""
-    d = fig["details"]
-    per_round = d["simulate_round_wall_s"] / d["bare_round_wall_s"]
-    saved = d["bare_round_wall_s"] - d["simulate_round_wall_s"]
-    # Fixed cost = wall not explained by the steady rounds, for each side.
-    fixed = (d["simulate_wall_s"] - d["rounds"] * d["simulate_round_wall_s"]) - \
-        (d["bare_loop_wall_s"] - d["rounds"] * d["bare_round_wall_s"])
-    payback = (f"; at this per-round ratio the extra {fixed:.0f} s of fixed cost are paid back after about "
-               f"{fixed / saved:.0f} rounds" if saved > 0 and fixed > 0 else "")
-    same = ("the bare loop reproduced the Ray run exactly, round by round (same accuracy and solver iterations, "
-            "so warm starts do survive in the ClientApp's `context.state` under Ray)"
-            if d["max_abs_difference_accuracy_plus_iterations"] == 0 else
-            f"the two runs differ by {d['max_abs_difference_accuracy_plus_iterations']:.3g} in accuracy + iterations")
-    return (
-        f"**`overhead_ratio` = {fig['value']:.2f}× ({_verdict(fig)}).** `fed-deq simulate` took "
-        f"{d['simulate_wall_s']:.1f} s and the bare loop {d['bare_loop_wall_s']:.1f} s for the same {d['rounds']} "
-        f"rounds; {same}. Per round Flower + Ray is {per_round:.2f}× the bare loop (median round wall "
-        f"{d['simulate_round_wall_s']:.2f} s vs {d['bare_round_wall_s']:.2f} s): the two Ray actors train four "
-        "clients each in parallel, but a round also waits for Flower's message dispatch and reply polling (0.1 s "
-        "cycles each), for the central evaluation and for the server's own checks of every reply (re-evaluation "
-        "on the client's validation split, probe scoring: the same work in the bare loop, which drives the same "
-        "RoundDriver) in the server thread, and on two shared cores the actors "
-        "rarely get two full cores. The gap is the fixed cost outside the rounds: "
-        f"{d['simulate_outside_rounds_s']:.1f} s, against about 3 s of imports and data generation for the bare "
-        f"loop{payback}. Profiled while building this benchmark (py-spy on the driver and on "
-        "the actors, timestamps around each phase, quiet machine): imports of torch, Flower and Ray 2 s, "
-        "`ray.init` (GCS, raylet, dashboard, agents) 3 s, actor start-up and node discovery 3 s, round 1 about "
-        "4.7 s (each actor generates MNIST-1D, partitions it with flwr-datasets and makes its first torch calls), "
-        "`ray.shutdown` and teardown 2 s. Fixed: the server's dataset is now generated while Ray starts "
-        "(`tools/simulate.py`, about 1.2 s off the critical path). Out of reach of one run: Ray's own start and "
-        "stop. For the owners of the code concerned, three further cuts: cache generated MNIST-1D on disk (`fed_deq/data.py`: every process "
-        "regenerates it, 1.2 s for 4,000 samples, 3.4 s for 20,000); send the scenario with the discovery query so "
-        "clients load their data while the server builds its recorder; and for `tune`/`compare`, keep one Ray "
-        "cluster for all trials (`ray start --head` with a private `--temp-dir`, then `simulation.ray_address`), "
-        "saving `ray.init`/`ray.shutdown` per trial."
-    )
 
 
 def memory_note(fig: dict) -> str:
@@ -89,29 +52,39 @@ def fleet_size_note(fig: dict) -> str:
 
 
 def warm_start_note(fig: dict) -> str:
-    """Why warm starts save fewer iterations than hoped on the default scenario."""
-    d = fig["details"]
-    one = d["one_local_epoch"]
-    budgets = ", ".join(f"{k}: {v:.2f}×" for k, v in d["ratio_by_forward_budget"].items())
-    capped = [k for k in d["ratio_by_forward_budget"] if int(k) < 10]
+    """What warm starts save where the tolerance stops the solve, and what they save on the default budgets."""
+    d, limited = fig["details"], fig["details"]["budget_limited"]
+    spread = d["per_client_round_ratio"]
+    budgets = ", ".join(f"{k}: {v:.2f}×" for k, v in limited["ratio_by_forward_budget"].items())
+    no_bank = d["ratio_without_earlier_bank"]
     return (
-        f"**`warm_over_cold_iters` = {fig['value']:.2f}× ({_verdict(fig)}).** Mean forward iterations per solve of "
-        f"the {d['client_rounds_compared']} client-rounds after round 3 whose client had trained before, warm "
-        f"({d['warm_forward_iterations']:.2f}) vs the same clients and rounds with `training.warm_start=false` "
-        f"({d['cold_forward_iterations']:.2f}); the bare loop calls the ClientApp's `run_client_round` and keeps "
-        "the banks per partition as `context.state` does (the overhead note shows both paths give identical runs). "
-        "What holds the ratio up is the budgets, not the warm start: the slower tiers get "
-        f"{_budget_list(capped)} forward iterations, below the ~9.5 Anderson needs from zero to reach tol 1e-3 "
-        "(benchmarks/solvers.json), so warm or cold they spend their whole budget and the warm start shows up as "
-        f"a lower residual instead ({d['warm_rel_residual']:.3f} vs {d['cold_rel_residual']:.3f}); by forward "
-        f"budget the ratio is {budgets}. {d['cold_clients_at_their_budget']} of the cold client-rounds ran at "
-        "their cap. With `training.warm_start=true` a client reuses each sample's fixed point from the previous "
-        "round in its first local epoch and from the previous epoch in the later ones; with `false` every solve "
-        "starts from zero. With one local epoch (the same deadline then "
-        f"buys {_budget_list(list(one['ratio_by_forward_budget']))} forward iterations) the ratio is {one['ratio']:.2f}× "
-        f"({one['warm_forward_iterations']:.2f} vs {one['cold_forward_iterations']:.2f} iterations, same residual "
-        f"{one['warm_rel_residual']:.1e}); the banks are on average 2.5 rounds old (8 of 20 clients per round) and "
-        f"the model has moved since. Command: `{one['command']}`."
+        f"**`warm_over_cold_iters` = {fig['value']:.2f}× ({_verdict(fig)}).** Measured where the tolerance, not the "
+        f"budget, stops the solve: the default scenario with {', '.join(f'`{o}`' for o in d['overrides'])} (every "
+        f"client gets {_budget_list(list(d['ratio_by_forward_budget']))} forward iterations, model.tol 1e-3), run "
+        "with `training.warm_start=true` and `false`. Mean forward iterations per solve of the "
+        f"{d['client_rounds_compared']} client-rounds after round 3 whose client had trained before: warm "
+        f"{d['warm_forward_iterations']:.2f} vs {d['cold_forward_iterations']:.2f} for the same clients and rounds "
+        f"cold (per client-round {spread['mean']:.2f}× ± {spread['ci95'] or 0:.3f} at 95 %, range {spread['min']:.2f}–"
+        f"{spread['max']:.2f}; {d['cold_clients_at_their_budget']} cold client-rounds at their budget; the same "
+        f"residual, {d['warm_rel_residual']:.1e} vs {d['cold_rel_residual']:.1e}). Over all client-rounds "
+        f"{d['ratio_all_client_rounds']:.2f}×"
+        + (f"; whole-batch f evaluations (a batch solves until its slowest sample stops) {d['solve_evals_ratio']:.2f}×"
+           if d.get("solve_evals_ratio") is not None else "")
+        + (f"; clients without a bank from an earlier round (only local epochs 2 and 3 start warm) {no_bank:.2f}×"
+           if no_bank is not None else "") +
+        ". With `true` a client reuses each sample's fixed point from its previous round in its first local epoch "
+        "and from the previous epoch in the later ones; with `false` every solve starts from zero. The saving is "
+        "about a fixed number of iterations, set by how far the fixed point moved since it was stored (an epoch "
+        "of optimiser steps within a round, whole rounds for an earlier round's bank), so a looser tolerance "
+        "lowers the ratio "
+        "and a tighter one raises it (tol 1e-4 gave 0.82× in a run made while building this benchmark). On the "
+        f"default fleet's own budgets ({_budget_list(list(limited['ratio_by_forward_budget']))} forward "
+        f"iterations) the ratio is {limited['ratio']:.2f}× (by budget {budgets}): "
+        f"{limited['cold_clients_at_their_budget']} of {limited['client_rounds_compared']} cold client-rounds spend "
+        "their whole budget, warm or cold, and the warm start shows up as a lower residual instead "
+        f"({limited['warm_rel_residual']:.3f} vs {limited['cold_rel_residual']:.3f}); command: "
+        f"`{limited['command']}`. The bare loop calls the ClientApp's `run_client_round` and keeps the banks per "
+        "partition as `context.state` does (the overhead note shows both paths give identical runs)."
     )
 
 
@@ -153,7 +126,8 @@ def solver_note(data: dict) -> str:
 def notes(data: dict) -> str:
     """Every note, in the order of the table."""
     f = data["figures"]
-    return "\n\n".join(["### Notes", overhead_note(f["overhead_ratio"]), memory_note(f["large_fleet_peak_rss_gib"]),
+    return "\n\n".join(["### Notes", overhead_note(f["overhead_ratio"]), per_update_note(f["overhead_per_update_s"]),
+                        study_note(f["study_extra_run_s"]), memory_note(f["large_fleet_peak_rss_gib"]),
                         fleet_size_note(f["fleet_size_round_ratio"]), solver_note(data),
                         warm_start_note(f["warm_over_cold_iters"]),
                         fusion_note(f["quality_over_fedavg_time_to_target"])])

@@ -21,6 +21,8 @@ def _value(fig: dict) -> str:
     if fig.get("value") is None:
         return "missing"
     unit = fig["unit"]
+    if unit == "s":
+        return f"{fig['value']:.3f} s" if abs(fig["value"]) < 1 else f"{fig['value']:.2f} s"
     return f"{fig['value']:.2f} GiB" if unit == "GiB" else f"{fig['value']:.2f}×"
 
 

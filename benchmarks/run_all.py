@@ -5,7 +5,7 @@ Every comparison is a ratio of two runs made back to back in this one invocation
 noise of a shared machine hits both sides. Each run is a child process (timed, its whole process tree's
 memory sampled from /proc), run with the exact command recorded next to its figure.
 
-    .venv/bin/python benchmarks/run_all.py [--only overhead,fleet,solvers,fusion] [--out runs/bench]
+    .venv/bin/python benchmarks/run_all.py [--only overhead,study,fleet,solvers,fusion] [--out runs/bench]
 
 ``--only`` re-measures some steps and keeps the other figures of an existing results.json.
 """
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import fusion_study, report  # noqa: E402 - after the path fix so the script runs from anywhere
+from benchmarks import fusion_study, report, scale, study_cost  # noqa: E402 - after the path fix: runs from anywhere
 from benchmarks.proctree import Measured, run_measured  # noqa: E402
 from benchmarks.schema import FIGURES, SCHEMA_VERSION, SchemaError, check_results, update_fleet_doc  # noqa: E402
 from fed_deq.scenario import load_scenario  # noqa: E402
@@ -38,13 +38,16 @@ SOLVERS_SCRIPT = ROOT / "benchmarks" / "solvers.py"
 DOC = ROOT / "docs" / "benchmarks.md"
 PY = ".venv/bin/python"
 FED_DEQ = ".venv/bin/fed-deq"
-STEPS = ("overhead", "fleet", "solvers", "fusion")
+STEPS = ("overhead", "study", "fleet", "solvers", "fusion")
 #: Rounds of the large-fleet runs: round 1 includes actor start-up, so rounds 2.. give the steady round wall.
 FLEET_ROUNDS = 6
 SMALL_FLEET = 100
 FUSION_JSON = ROOT / "benchmarks" / "fusion.json"
 FUSION_SEEDS = "1,2,3,4,5"
 WARM_AFTER_ROUND = 3
+#: warm_over_cold_iters runs the default scenario where the tolerance, not the budget, stops the solve: every
+#: device affords max_iterations (a deadline nobody reaches), far above the ~8 iterations tol 1e-3 needs.
+TOLERANCE_LIMITED = ("training.max_iterations=100", "training.deadline_s=100000")
 
 
 def figure(name: str, value: float | None, command: str, details: dict, missing: str | None = None) -> dict:
@@ -86,23 +89,29 @@ def steady_round_wall(metrics: list[dict]) -> float:
 
 
 def step_overhead(out: Path) -> dict:
-    """overhead_ratio and warm_over_cold_iters: the default scenario on Flower + Ray vs bare loops."""
+    """overhead_ratio, overhead_per_update_s and warm_over_cold_iters: the default scenario on Flower + Ray vs
+    bare loops. Both sides read the dataset from the on-disk cache, filled by whichever ran first."""
     sim_cmd = [FED_DEQ, "simulate", "scenarios/default.yaml", "--out", str(out / "default-sim"), "--no-progress"]
     bare_cmd = [PY, "benchmarks/bare_loop.py", "scenarios/default.yaml", "--out", str(out / "default-bare")]
     cold_cmd = [PY, "benchmarks/bare_loop.py", "scenarios/default.yaml", "--out", str(out / "default-bare-cold"),
                 "--set", "training.warm_start=false"]
+    # One round first fills the dataset cache, so that neither timed side pays for generating the data.
+    run([PY, "benchmarks/bare_loop.py", "scenarios/default.yaml", "--out", str(out / "default-prime"),
+         "--set", "training.rounds=1"], out / "logs" / "default-prime.log")
     sim = run(sim_cmd, out / "logs" / "default-sim.log")
     bare = run(bare_cmd, out / "logs" / "default-bare.log")
     cold = run(cold_cmd, out / "logs" / "default-bare-cold.log")
     sim_metrics = read_jsonl(out / "default-sim" / "metrics.jsonl")
     bare_metrics = read_jsonl(out / "default-bare" / "metrics.jsonl")
     sim_summary = json.loads((out / "default-sim" / "summary.json").read_text())
+    bare_summary = json.loads((out / "default-bare" / "summary.json").read_text())
     same_run = max(abs(a["accuracy"] - b["accuracy"]) + abs(a["mean_iterations"] - b["mean_iterations"])
                    for a, b in zip(sim_metrics, bare_metrics))
     overhead = figure("overhead_ratio", sim.wall_s / bare.wall_s, f"{shlex.join(sim_cmd)}  vs  {shlex.join(bare_cmd)}", {
         "simulate_wall_s": sim.wall_s, "bare_loop_wall_s": bare.wall_s,
         "simulate_rounds_wall_s": sim_summary["wall_time_s"],
         "simulate_outside_rounds_s": sim.wall_s - sim_summary["wall_time_s"],
+        "bare_rounds_wall_s": bare_summary["wall_time_s"],
         "simulate_round_wall_s": steady_round_wall(sim_metrics),
         "bare_round_wall_s": steady_round_wall(bare_metrics),
         "rounds": len(sim_metrics),
@@ -110,39 +119,64 @@ def step_overhead(out: Path) -> dict:
         "max_abs_difference_accuracy_plus_iterations": same_run,
         "simulate_peak_rss_gib": sim.peak.rss_gib,
     })
-    warm = warm_over_cold(read_jsonl(out / "default-bare" / "clients.jsonl"),
-                          read_jsonl(out / "default-bare-cold" / "clients.jsonl"))
-    warm_fig = figure("warm_over_cold_iters", warm.pop("ratio"),
-                      f"{shlex.join(bare_cmd)}  vs  {shlex.join(cold_cmd)}",
-                      {**warm, "cold_bare_loop_wall_s": cold.wall_s,
-                       "ray_run_equals_bare_loop": same_run < 1e-9,
-                       "one_local_epoch": one_epoch_warm_over_cold(out)})
-    return {"overhead_ratio": overhead, "warm_over_cold_iters": warm_fig}
+    updates = sum(m["clients_completed"] for m in sim_metrics)
+    per_update = figure("overhead_per_update_s", (sim.wall_s - bare.wall_s) / updates,
+                        f"{shlex.join(sim_cmd)}  vs  {shlex.join(bare_cmd)}",
+                        {"client_updates": updates, "simulate_wall_s": sim.wall_s, "bare_loop_wall_s": bare.wall_s,
+                         "simulate_outside_rounds_s": sim.wall_s - sim_summary["wall_time_s"],
+                         "bare_outside_rounds_s": bare.wall_s - bare_summary["wall_time_s"]})
+    budget_limited = warm_over_cold(read_jsonl(out / "default-bare" / "clients.jsonl"),
+                                    read_jsonl(out / "default-bare-cold" / "clients.jsonl"))
+    tolerance_limited = tolerance_limited_warm_over_cold(out)
+    warm_fig = figure("warm_over_cold_iters", tolerance_limited.pop("ratio"), tolerance_limited.pop("command"),
+                      {**tolerance_limited, "ray_run_equals_bare_loop": same_run < 1e-9,
+                       "budget_limited": {**budget_limited, "cold_bare_loop_wall_s": cold.wall_s,
+                                          "command": f"{shlex.join(bare_cmd)}  vs  {shlex.join(cold_cmd)}"}})
+    return {"overhead_ratio": overhead, "overhead_per_update_s": per_update, "warm_over_cold_iters": warm_fig}
 
 
-def one_epoch_warm_over_cold(out: Path) -> dict:
-    """The same comparison with one local epoch: the deadline then buys budgets above what the solver needs, and
-    the only warm start a cold client gets is none (with several epochs, epochs 2.. reuse epoch 1's fixed points)."""
-    commands = {}
+def tolerance_limited_warm_over_cold(out: Path) -> dict:
+    """warm_over_cold on the default scenario with TOLERANCE_LIMITED budgets: a warm-start run and a cold one
+    (every solve from zero); with 3 local epochs, epochs 2.. reuse the previous epoch's fixed points."""
+    commands, walls = {}, {}
+    sets = [x for setting in TOLERANCE_LIMITED for x in ("--set", setting)]
     for warm in ("true", "false"):
-        commands[warm] = [PY, "benchmarks/bare_loop.py", "scenarios/default.yaml", "--out",
-                          str(out / f"default-bare-1epoch-{warm}"), "--set", "training.local_epochs=1",
-                          "--set", f"training.warm_start={warm}"]
-        run(commands[warm], out / "logs" / f"default-bare-1epoch-{warm}.log")
-    result = warm_over_cold(read_jsonl(out / "default-bare-1epoch-true" / "clients.jsonl"),
-                            read_jsonl(out / "default-bare-1epoch-false" / "clients.jsonl"))
-    return {**result, "command": f"{shlex.join(commands['true'])}  vs  {shlex.join(commands['false'])}"}
+        name = f"default-bare-tol-{'warm' if warm == 'true' else 'cold'}"
+        commands[warm] = [PY, "benchmarks/bare_loop.py", "scenarios/default.yaml", "--out", str(out / name),
+                          *sets, "--set", f"training.warm_start={warm}"]
+        walls[warm] = run(commands[warm], out / "logs" / f"{name}.log").wall_s
+    result = warm_over_cold(read_jsonl(out / "default-bare-tol-warm" / "clients.jsonl"),
+                            read_jsonl(out / "default-bare-tol-cold" / "clients.jsonl"))
+    return {**result, "overrides": list(TOLERANCE_LIMITED), "warm_wall_s": walls["true"],
+            "cold_wall_s": walls["false"],
+            "command": f"{shlex.join(commands['true'])}  vs  {shlex.join(commands['false'])}"}
+
+
+def paired_replies(warm_log: list[dict], cold_log: list[dict], keep) -> list[tuple[dict, dict]]:
+    """(warm, cold) replies of the same (round, client), for the warm replies ``keep`` accepts."""
+    cold = {(r["round"], r["partition_id"]): r for r in cold_log}
+    return [(r, cold[(r["round"], r["partition_id"])]) for r in warm_log
+            if keep(r) and (r["round"], r["partition_id"]) in cold]
+
+
+def mean_ratio(pairs: list[tuple[dict, dict]], key: str = "forward-iterations") -> float | None:
+    """Mean of metric ``key`` warm / cold over ``pairs`` (None when there is no pair or no such metric)."""
+    if not pairs or any(key not in w or key not in c for w, c in pairs):
+        return None
+    return statistics.fmean(w[key] for w, _ in pairs) / statistics.fmean(c[key] for _, c in pairs)
 
 
 def warm_over_cold(warm_log: list[dict], cold_log: list[dict]) -> dict:
-    """Mean forward iterations of warm-started replies after round 3 vs the same (round, client) run cold."""
-    cold = {(r["round"], r["partition_id"]): r for r in cold_log}
-    pairs = [(r, cold[(r["round"], r["partition_id"])]) for r in warm_log
-             if r["round"] > WARM_AFTER_ROUND and r["had_warm_start"] and (r["round"], r["partition_id"]) in cold]
+    """Mean forward iterations of warm-started replies after round 3 vs the same (round, client) run cold,
+    with the per-client-round spread and the ratio over every reply and over replies without an old bank."""
+    pairs = paired_replies(warm_log, cold_log, lambda r: r["round"] > WARM_AFTER_ROUND and r["had_warm_start"])
     if not pairs:
         raise SystemExit("warm_over_cold: no warm-started client after round 3 to compare")
     warm_iters = statistics.fmean(w["forward-iterations"] for w, _ in pairs)
     cold_iters = statistics.fmean(c["forward-iterations"] for _, c in pairs)
+    per_pair = fusion_study.interval([w["forward-iterations"] / c["forward-iterations"] for w, c in pairs])
+    spread = {"mean": per_pair["mean"], "min": min(per_pair["values"]), "max": max(per_pair["values"]),
+              "ci95": per_pair["ci95"] if len(pairs) > 1 else None}
     capped = sum(1 for _, c in pairs if c["forward-iterations"] >= c["budget-total"] - c["backward-iterations"] - 1e-9)
     by_budget: dict[str, list[float]] = {}
     for w, c in pairs:
@@ -153,7 +187,13 @@ def warm_over_cold(warm_log: list[dict], cold_log: list[dict]) -> dict:
             "cold_clients_at_their_budget": capped,
             "ratio_by_forward_budget": {k: statistics.fmean(v) for k, v in sorted(by_budget.items(), key=lambda kv: int(kv[0]))},
             "warm_rel_residual": statistics.fmean(w["rel-residual"] for w, _ in pairs),
-            "cold_rel_residual": statistics.fmean(c["rel-residual"] for _, c in pairs)}
+            "cold_rel_residual": statistics.fmean(c["rel-residual"] for _, c in pairs),
+            "per_client_round_ratio": spread,
+            # Whole-batch f calls: a batch solves until its slowest sample stops, so this is what compute follows.
+            "solve_evals_ratio": mean_ratio(pairs, "work-solve-evals"),
+            "ratio_all_client_rounds": mean_ratio(paired_replies(warm_log, cold_log, lambda r: True)),
+            "ratio_without_earlier_bank": mean_ratio(
+                paired_replies(warm_log, cold_log, lambda r: not r["had_warm_start"]))}
 
 
 def small_fleet_overrides(clients: int = SMALL_FLEET) -> list[str]:
@@ -252,7 +292,13 @@ def step_fusion(out: Path) -> dict:
                                                          shlex.join(command), details)}
 
 
-STEP_FUNCTIONS = {"overhead": step_overhead, "fleet": step_fleet, "solvers": step_solvers, "fusion": step_fusion}
+def step_study(out: Path) -> dict:
+    """study_extra_run_s: what one more run inside a study costs beyond its work (benchmarks/study_cost.py)."""
+    return study_cost.step_study(out, run, figure)
+
+
+STEP_FUNCTIONS = {"overhead": step_overhead, "study": step_study, "fleet": step_fleet, "solvers": step_solvers,
+                  "fusion": step_fusion}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -296,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         step_started = time.perf_counter()
         figures.update(STEP_FUNCTIONS[step](out))
         print(f"  step {step}: {time.perf_counter() - step_started:.0f} s", flush=True)
+    if len(steps) == len(STEPS):  # a whole `make bench` also measures the 10,000-client fleet (docs/scale.md)
+        scale.main(["--out", str(out / "scale")])
     total = time.perf_counter() - started
     data = {"schema": SCHEMA_VERSION, "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "total_wall_s": total if len(steps) == len(STEPS) else previous.get("total_wall_s", total),

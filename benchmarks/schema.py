@@ -25,6 +25,12 @@ FIGURES: dict[str, tuple[str, float | None, bool, str]] = {
     "overhead_ratio": ("x", 1.0, False,
                        "wall of `fed-deq simulate` on the default scenario / a bare sequential loop doing the "
                        "same client work and central evaluation"),
+    "overhead_per_update_s": ("s", None, False,
+                              "framework overhead per client update: (wall of `fed-deq simulate` - wall of the "
+                              "bare loop) / client updates, default scenario"),
+    "study_extra_run_s": ("s", 2.0, False,
+                          "fixed cost of one more run inside a study: wall added per extra run of `fed-deq "
+                          "compare` (3 seeds vs 1) minus the bare loop's work for the same runs"),
     "large_fleet_peak_rss_gib": ("GiB", 4.0, False,
                                  "peak resident memory (sum over the whole process tree, Ray included) on "
                                  "scenarios/large-fleet.yaml"),
@@ -32,11 +38,13 @@ FIGURES: dict[str, tuple[str, float | None, bool, str]] = {
                                "median round wall at 1,000 vs 100 total clients, 50 sampled, same per-client data"),
     # The two solver figures and their goals come from benchmarks/solvers.py (see its section of the docs).
     "anderson_over_picard_iters": ("x", 0.6, True,
-                                   "Anderson / Picard mean iterations to tolerance (from benchmarks/solvers.json)"),
+                                   "Anderson / Picard mean iterations to tolerance on the slow-mixing `none` cell, "
+                                   "capped samples counted at the cap (from benchmarks/solvers.json)"),
     "solver_time_ratio_vs_torchdeq": ("x", 1.1, True,
                                       "fed-deq / torchdeq time per Anderson iteration (from benchmarks/solvers.json)"),
     "warm_over_cold_iters": ("x", 0.7, False,
-                             "mean forward iterations of warm-started / cold clients after round 3, default scenario"),
+                             "mean forward iterations of warm-started / cold clients after round 3, default scenario "
+                             "with budgets large enough that the tolerance stops the solve"),
     "quality_over_fedavg_time_to_target": ("x", None, False,
                                            "simulated time to the target accuracy, quality rule / FedAvg, "
                                            "heterogeneous-fleet scenario"),

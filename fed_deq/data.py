@@ -1,9 +1,10 @@
-"""Datasets, federated partitions and per-client train/validation splits (hub datasets: fed_deq/hub.py).
+"""Datasets and per-client train/validation splits (partitions: fed_deq/partitions.py; hub: fed_deq/hub.py).
 
 ``load_dataset`` and the partition lists are memoised with ``functools.lru_cache``: a Flower client process
 serves many partitions and rounds, and regenerating MNIST-1D or repartitioning 20,000 labels per message
-would cost seconds. Cached arrays are made read-only so one caller cannot corrupt another's data; copy them
-(``np.array(x)``, ``torch.tensor(x)``) before writing. Arrays handed out by ``client_data`` are fresh copies.
+would cost seconds. Generated datasets are also kept on disk, for every process (fed_deq/datacache.py).
+Cached arrays are made read-only so one caller cannot corrupt another's data; copy them (``np.array(x)``,
+``torch.tensor(x)``) before writing. Arrays handed out by ``client_data`` are fresh copies.
 """
 
 from __future__ import annotations
@@ -13,14 +14,18 @@ import functools
 import math
 import random
 import threading
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 
 import numpy as np
 
+from fed_deq import datacache
 from fed_deq.errors import InputError
 from fed_deq.hub import from_hf_dataset, load_hub  # noqa: F401 - from_hf_dataset is part of this module's API
+# Partitions live in fed_deq/partitions.py; partition and PARTITION_KINDS stay part of this module's API, and the
+# memoised internals are named here for the tests that clear or bypass the memo.
+from fed_deq.partitions import PARTITION_KINDS, partition  # noqa: F401
+from fed_deq.partitions import _make_partitions, _partition_cached  # noqa: F401
+from fed_deq.partitions import check_seed as _check_seed
 from fed_deq.seeding import rng
 
 # Guards the global `random`/`np.random` state that mnist1d's make_dataset seeds and draws from.
@@ -31,8 +36,9 @@ _GLOBAL_RNG_LOCK = threading.Lock()
 class DataBundle:
     """A dataset split into train, test and the server's probe set: float32 features, int64 labels (read-only).
 
-    The probe set is drawn from the training split before it is partitioned, so it follows the training
-    distribution and shares no sample with the test set or with any client.
+    The probe set and the server's validation split (``hold_server_validation``) are drawn from the training
+    split before it is partitioned, so they follow the training distribution and share no sample with the
+    test set, with each other or with any client.
     """
 
     x_train: np.ndarray
@@ -43,6 +49,8 @@ class DataBundle:
     input_shape: tuple[int, ...]
     x_probe: np.ndarray | None = None
     y_probe: np.ndarray | None = None
+    x_server_val: np.ndarray | None = None
+    y_server_val: np.ndarray | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,12 +61,6 @@ class ClientData:
     y_train: np.ndarray
     x_val: np.ndarray
     y_val: np.ndarray
-
-
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InputError(f"seed: must be an integer >= 0, got {seed!r}")
-    return int(seed)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -115,13 +117,45 @@ def _split_probe(bundle: DataBundle, probe_samples: int, seed: int) -> DataBundl
     return dataclasses.replace(bundle, x_train=arrays[0], y_train=arrays[1], x_probe=arrays[2], y_probe=arrays[3])
 
 
-def _make_mnist1d(seed: int, num_samples) -> tuple[np.ndarray, np.ndarray, int]:
-    from mnist1d.data import get_dataset_args, make_dataset
+@functools.lru_cache(maxsize=4)
+def hold_server_validation(bundle: DataBundle, samples: int, seed: int) -> DataBundle:
+    """Move ``samples`` random training samples into the server's validation split (memoised per bundle).
 
+    Tuning scores its trials on this split so that the test set stays unseen until the final report. It is
+    drawn after the probe set, so the probe set does not depend on it; the test set is untouched.
+    """
+    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 0:
+        raise InputError(f"dataset.server_validation_samples: must be an integer >= 0, got {samples!r}")
+    n = len(bundle.y_train)
+    if samples >= n:
+        raise InputError(f"dataset.server_validation_samples: must be below the {n} training samples left "
+                         f"after the probe set, got {samples}")
+    order = rng(_check_seed(seed), "data", "server-validation-split").permutation(n)
+    held, train = np.sort(order[:samples]), np.sort(order[samples:])
+    arrays = [np.ascontiguousarray(a) for a in (bundle.x_train[train], bundle.y_train[train],
+                                                bundle.x_train[held], bundle.y_train[held])]
+    for a in arrays:
+        a.setflags(write=False)
+    return dataclasses.replace(bundle, x_train=arrays[0], y_train=arrays[1], x_server_val=arrays[2],
+                               y_server_val=arrays[3])
+
+
+def _make_mnist1d(seed: int, num_samples) -> tuple[np.ndarray, np.ndarray, int]:
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 20:
         raise InputError(f"dataset.num_samples: must be an integer >= 20 for mnist1d, got {num_samples!r}")
+    # mnist1d's defaults (get_dataset_args) are fixed per release, so its version stands for them in the key.
+    params = {"seed": seed, "num_samples": int(num_samples), "mnist1d": datacache.package_version("mnist1d")}
+    arrays = datacache.cached_arrays("mnist1d", params, lambda: _generate_mnist1d(seed, int(num_samples)),
+                                     ("x", "y"))
+    return arrays["x"], arrays["y"], 10
+
+
+def _generate_mnist1d(seed: int, num_samples: int) -> dict[str, np.ndarray]:
+    """MNIST-1D made by its generator (never downloaded): train and test pooled, float32 x and int64 y."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
     args = get_dataset_args(as_dict=False)
-    args.num_samples = int(num_samples)
+    args.num_samples = num_samples
     args.seed = seed
     # make_dataset seeds and draws from the global `random`/`np.random`; restore them so loading data
     # never changes anyone else's random stream. The lock keeps two threads (the runner pre-generates the
@@ -134,18 +168,24 @@ def _make_mnist1d(seed: int, num_samples) -> tuple[np.ndarray, np.ndarray, int]:
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
-    x = np.concatenate([raw["x"], raw["x_test"]]).astype(np.float32)
-    y = np.concatenate([raw["y"], raw["y_test"]]).astype(np.int64)
-    return x, y, 10
+    return {"x": np.concatenate([raw["x"], raw["x_test"]]).astype(np.float32),
+            "y": np.concatenate([raw["y"], raw["y_test"]]).astype(np.int64)}
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray, int]:
+    # Cached too: importing scikit-learn's datasets module costs each process about a second.
+    params = {"scikit-learn": datacache.package_version("scikit-learn")}
+    arrays = datacache.cached_arrays("digits", params, _read_digits, ("x", "y"))
+    return arrays["x"], arrays["y"], 10
+
+
+def _read_digits() -> dict[str, np.ndarray]:
+    """scikit-learn's 8x8 digits, x scaled to [0, 1] (float32), y int64."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     # Pixel intensities in the digits set run from 0 to 16.
-    x = (digits.data / 16.0).astype(np.float32)
-    return x, digits.target.astype(np.int64), 10
+    return {"x": (digits.data / 16.0).astype(np.float32), "y": digits.target.astype(np.int64)}
 
 
 def _split_bundle(x: np.ndarray, y: np.ndarray, num_classes: int, test_fraction: float, seed: int) -> DataBundle:
@@ -157,133 +197,6 @@ def _split_bundle(x: np.ndarray, y: np.ndarray, num_classes: int, test_fraction:
     for a in arrays:
         a.setflags(write=False)
     return DataBundle(*arrays, num_classes=int(num_classes), input_shape=tuple(int(d) for d in x.shape[1:]))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Partitions
-# ---------------------------------------------------------------------------------------------------------
-
-
-def partition(
-    labels,
-    num_partitions: int,
-    *,
-    kind: str,
-    seed: int,
-    alpha: float | None = None,
-    classes_per_client: int | None = None,
-    min_partition_size: int = 0,
-) -> list[np.ndarray]:
-    """Split sample indices ``0..len(labels)-1`` into ``num_partitions`` disjoint index arrays.
-
-    ``kind``: ``"iid"`` (seeded shuffle, balanced sizes), ``"dirichlet"`` (per-class Dirichlet(α) shares,
-    every partition gets ≥ ``min_partition_size`` samples) or ``"pathological"`` (each partition holds
-    ``classes_per_client`` classes, assigned round-robin). Built with flwr-datasets partitioners; the
-    same arguments always give the same partitions (memoised). Returned arrays are read-only.
-    """
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
-        raise InputError(f"partition: labels must be a non-empty 1-D integer array, got {labels.dtype} {labels.shape}")
-    if isinstance(num_partitions, bool) or not isinstance(num_partitions, (int, np.integer)):
-        raise InputError(f"fleet.num_clients: must be an integer, got {num_partitions!r}")
-    if not 1 <= num_partitions <= labels.size:
-        raise InputError(f"fleet.num_clients: must be in [1, {labels.size}] (training samples), got {num_partitions}")
-    seed = _check_seed(seed)
-    options = _partition_options(kind, alpha, classes_per_client, min_partition_size, labels)
-    labels = labels.astype(np.int64)
-    return list(_partition_cached(labels.tobytes(), int(num_partitions), kind, seed, *options))
-
-
-def _partition_options(kind, alpha, classes_per_client, min_partition_size, labels) -> tuple:
-    """Validate the options ``kind`` uses and drop the others, so equivalent calls share a cache entry."""
-    if kind not in PARTITION_KINDS:
-        raise InputError(f"dataset.partition.kind: unknown {kind!r}; valid: {', '.join(PARTITION_KINDS)}")
-    return PARTITION_KINDS[kind].options(alpha, classes_per_client, min_partition_size, labels)
-
-
-@functools.lru_cache(maxsize=8)
-def _partition_cached(labels_bytes: bytes, num_partitions: int, kind: str, seed: int,
-                      alpha: float | None, classes_per_client: int | None,
-                      min_partition_size: int) -> tuple[np.ndarray, ...]:
-    import datasets
-    from flwr_datasets import partitioner as partitioners
-
-    labels = np.frombuffer(labels_bytes, dtype=np.int64)
-    partitioner_seed = int(rng(seed, "data", "partitioner").integers(2**31))
-    partitioner, order = PARTITION_KINDS[kind].partitioner(
-        partitioners, num_partitions, labels.size, seed=seed, partitioner_seed=partitioner_seed, alpha=alpha,
-        classes_per_client=classes_per_client, min_partition_size=min_partition_size)
-    partitioner.dataset = datasets.Dataset.from_dict({"label": labels[order], "index": order})
-    try:
-        parts = tuple(np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64)
-                      for i in range(num_partitions))
-    except ValueError as exc:
-        raise InputError(f"dataset.partition: {kind} partitioning failed: {str(exc).splitlines()[0]}") from exc
-    for part in parts:
-        part.setflags(write=False)
-    return parts
-
-
-@dataclass(frozen=True)
-class PartitionKind:
-    """A split of the training set: ``options(alpha, classes_per_client, min_partition_size, labels)`` checks
-    and keeps the options it uses; ``partitioner(flwr_datasets.partitioner, num_partitions, size, *, seed,
-    partitioner_seed, **options)`` returns the partitioner and the sample order it is fed in."""
-
-    options: Callable[..., tuple]
-    partitioner: Callable[..., tuple]
-
-
-def _iid_options(*_) -> tuple:
-    return (None, None, 0)
-
-
-def _dirichlet_options(alpha, classes_per_client, min_partition_size, labels) -> tuple:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
-        raise InputError(f"dataset.partition.alpha: must be a number > 0 for dirichlet, got {alpha!r}")
-    if isinstance(min_partition_size, bool) or not isinstance(min_partition_size, int) or min_partition_size < 0:
-        raise InputError(f"dataset.partition.min_partition_size: must be an integer >= 0, got {min_partition_size!r}")
-    return (float(alpha), None, min_partition_size)
-
-
-def _pathological_options(alpha, classes_per_client, min_partition_size, labels) -> tuple:
-    num_classes = len(np.unique(labels))
-    if (isinstance(classes_per_client, bool) or not isinstance(classes_per_client, int)
-            or not 1 <= classes_per_client <= num_classes):
-        raise InputError(
-            f"dataset.partition.classes_per_client: must be an integer in [1, {num_classes}], got {classes_per_client!r}"
-        )
-    return (None, classes_per_client, 0)
-
-
-def _iid_partitioner(partitioners, num_partitions: int, size: int, *, seed: int, **_) -> tuple:
-    # IidPartitioner shards contiguously; shuffling first makes the shards random.
-    order = rng(seed, "data", "iid-order").permutation(size)
-    return partitioners.IidPartitioner(num_partitions=num_partitions), order
-
-
-def _dirichlet_partitioner(partitioners, num_partitions: int, size: int, *, partitioner_seed: int, alpha: float,
-                           min_partition_size: int, **_) -> tuple:
-    return partitioners.DirichletPartitioner(
-        num_partitions=num_partitions, partition_by="label", alpha=alpha,
-        min_partition_size=min_partition_size, self_balancing=False, seed=partitioner_seed,
-    ), np.arange(size)
-
-
-def _pathological_partitioner(partitioners, num_partitions: int, size: int, *, partitioner_seed: int,
-                              classes_per_client: int, **_) -> tuple:
-    return partitioners.PathologicalPartitioner(
-        num_partitions=num_partitions, partition_by="label", num_classes_per_partition=classes_per_client,
-        class_assignment_mode="deterministic", seed=partitioner_seed,
-    ), np.arange(size)
-
-
-#: Partition kind name → how it splits. The scenario's ``dataset.partition.kind`` is checked against these.
-PARTITION_KINDS: Mapping[str, PartitionKind] = MappingProxyType({
-    "iid": PartitionKind(_iid_options, _iid_partitioner),
-    "dirichlet": PartitionKind(_dirichlet_options, _dirichlet_partitioner),
-    "pathological": PartitionKind(_pathological_options, _pathological_partitioner),
-})
 
 
 def client_data(

@@ -210,6 +210,21 @@ def max_work(*, samples: int, batch_size: int, epochs: int, forward: int, backwa
                       samples=passes, norm_calls=float(steps), solver_steps=passes * solver_steps)
 
 
+def unroll_work(*, samples: int, batch_size: int, epochs: int, depth: int) -> WorkCounts:
+    """The work of a round of a fixed-depth model (fed_deq/deq/unrolled.py): exact, whatever the budget.
+
+    Per sample and epoch, ``depth`` layers evaluated with autograd (each also differentiated into the
+    weights) and ``depth - 1`` vector-Jacobian products with respect to the state (backpropagation through the
+    unroll; layer 1 starts from the constant 0); no solve, no solver steps. One weight normalisation per model
+    forward, as for the DEQ (the model's ``norm_flops`` covers all the layers it normalises).
+    """
+    if isinstance(depth, bool) or int(depth) != depth or depth < 1:
+        raise ValueError(f"depth must be an integer >= 1, got {depth!r}")
+    passes = float(samples) * float(epochs)
+    return WorkCounts(solve_evals=0.0, grad_evals=passes * depth, vjp_evals=passes * (depth - 1), samples=passes,
+                      norm_calls=float(local_steps(samples, batch_size, epochs)), solver_steps=0.0)
+
+
 def split_budget(total: int, backward: str, backward_iterations: int) -> Budget:
     """Split a per-solve budget between the forward solve and the backward pass, per backward mode."""
     if backward == "one-step":

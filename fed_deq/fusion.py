@@ -108,11 +108,14 @@ def quality_weights(
     size_exponent: float,
     quality_exponent: float,
     floor: float,
+    multipliers=None,
 ) -> np.ndarray:
-    """Normalised fusion weights ``w_k ∝ n_k**a * max(q_k, floor)**b`` (they sum to 1).
+    """Normalised fusion weights ``w_k ∝ t_k * n_k**a * max(q_k, floor)**b`` (they sum to 1).
 
     With ``floor > 0`` no client is zeroed, so a low-quality client still pulls a little. Equal scores give
-    plain FedAvg weights ``n_k / Σ n`` when ``a = 1``.
+    plain FedAvg weights ``n_k / Σ n`` when ``a = 1``. ``multipliers`` are the ``t_k`` (each client's tier
+    weight, see :func:`tier_multipliers`; default 1). When every client's multiplier is 0 there is nothing
+    to weigh by: an InputError, so the round keeps its previous model and records why.
     """
     counts = np.asarray(num_examples, dtype=np.float64)
     quality = np.asarray(scores, dtype=np.float64)
@@ -130,10 +133,29 @@ def quality_weights(
     if not (math.isfinite(floor) and 0 <= floor <= 1):
         raise InputError(f"fusion.floor: must be in [0, 1], got {floor}")
     raw = counts**size_exponent * np.maximum(quality, floor) ** quality_exponent
+    if multipliers is not None:
+        weighed = raw * _checked_multipliers(multipliers, counts.size)
+        if raw.sum() > 0 and weighed.sum() == 0:
+            raise InputError("fusion.tier_weights: every accepted client's tier weight is 0; nothing to fuse")
+        raw = weighed
     total = raw.sum()
     if not (math.isfinite(total) and total > 0):
         raise InputError("quality_weights: every client has weight 0 (all scores 0 and floor 0)")
     return raw / total
+
+
+def tier_multipliers(tiers: Sequence[str], tier_weights: Mapping[str, float]) -> np.ndarray:
+    """Each client's multiplier from its tier's weight (``fusion.tier_weights``; a tier not named: 1)."""
+    return np.array([float(tier_weights.get(tier, 1.0)) for tier in tiers], dtype=np.float64)
+
+
+def _checked_multipliers(multipliers, count: int) -> np.ndarray:
+    values = np.asarray(multipliers, dtype=np.float64)
+    if values.shape != (count,):
+        raise InputError(f"multipliers: expected {count} values (one per client), got shape {values.shape}")
+    if not np.all(np.isfinite(values)) or np.any(values < 0):
+        raise InputError(f"fusion.tier_weights: every multiplier must be finite and >= 0, got {values.tolist()}")
+    return values
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fed_deq import adversary, results
+from fed_deq.tensorboard import TB_DIR, ScalarWriter
 from fed_deq.rounds import RoundReport
 from fed_deq.scenario import Scenario, dump_scenario
 from fed_deq.workload import Arrays, build_scenario_model, evaluate_global, scenario_data, tier_eval_budgets
@@ -35,7 +36,7 @@ class RunRecorder:
     """Writes one ``metrics.jsonl`` line per round as it finishes, so an interrupted run keeps its rounds."""
 
     def __init__(self, scenario: Scenario, out_dir: str | Path, *, name: str = "scenario", progress: bool = False,
-                 console: Console | None = None) -> None:
+                 console: Console | None = None, tensorboard: bool = False) -> None:
         self.scenario = scenario
         self.scenario_name = name
         # One thread: the simulated clients own the other cores, and oversubscribing them made evaluation
@@ -47,6 +48,9 @@ class RunRecorder:
         self.metrics: list[dict] = []
         self.initial: dict | None = None
         self.sim_time_s = 0.0
+        self.total_bytes = 0
+        self._tensorboard = tensorboard     # also write TensorBoard scalars to out_dir/tb (fed_deq/tensorboard.py)
+        self._tb: ScalarWriter | None = None
         self._console = console or Console(stderr=True)
         self._show_progress = progress
         self._progress: Progress | None = None
@@ -59,6 +63,8 @@ class RunRecorder:
         results.write_scenario(self.out_dir, dump_scenario(self.scenario))
         self._writer = results.MetricsWriter(self.out_dir).__enter__()
         self._mark_progress(running_round=None)
+        if self._tensorboard:
+            self._tb = ScalarWriter(self.out_dir / TB_DIR)
         if self._show_progress:
             self._progress = Progress(TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
                                       TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
@@ -68,6 +74,7 @@ class RunRecorder:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._close_tensorboard()
         if self._progress is not None:
             self._progress.stop()
         if self._writer is not None:
@@ -85,14 +92,18 @@ class RunRecorder:
         evaluation = evaluate_global(self.scenario, self.model, arrays, self.tier_budgets)
         report = report or RoundReport(server_round=server_round)
         self.sim_time_s += report.round_sim_time_s
+        self.total_bytes += report.bytes_down + report.bytes_up
         record = {"round": server_round, "accuracy": evaluation["accuracy"], "loss": evaluation["loss"],
-                  "sim_time_s": self.sim_time_s, **report.to_record(),
+                  "sim_time_s": self.sim_time_s, **report.to_record(), "cumulative_bytes": self.total_bytes,
                   "accuracy_by_tier": evaluation["accuracy_by_tier"],
                   "eval_iterations": evaluation["eval_iterations"],
                   "eval_rel_residual": evaluation["eval_rel_residual"],
+                  "server_val_accuracy": evaluation["server_val_accuracy"],
                   "wall_time_s": time.perf_counter() - self._started}
         self._writer.write_round(record)
         self.metrics.append(record)
+        if self._tb is not None:
+            self._tb.write_round(record)
         self._mark_progress(running_round=server_round + 1 if server_round < self.scenario.training.rounds else None)
         if self._progress is not None:
             status = (f"acc {record['accuracy']:.3f}  sim {self.sim_time_s:,.0f}s  "
@@ -119,8 +130,14 @@ class RunRecorder:
         results.write_summary(self.out_dir, summary)
         if self.metrics:
             results.plot_accuracy(self.metrics, self.out_dir / "accuracy.png")
+        self._close_tensorboard()
         self._mark_progress(running_round=None, finished=True)  # last: every output above is in place
         return summary
+
+    def _close_tensorboard(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
     def _mark_progress(self, *, running_round: int | None, finished: bool = False) -> None:
         """Rewrite the progress marker (PROGRESS_FILE) atomically, so a watcher never reads half of it."""
@@ -140,7 +157,8 @@ def summary_table(summary: dict, metrics: list[dict]) -> Table:
             return "—" if math.isnan(value) else f"{value:.4g}"
         return "—" if value is None else str(value)
 
-    for key in ("rounds", "final_accuracy", "best_accuracy", "initial_accuracy", "sim_time_s", "wall_time_s"):
+    for key in ("rounds", "final_accuracy", "best_accuracy", "initial_accuracy", "sim_time_s", "wall_time_s",
+                "total_bytes", "bytes_to_target"):
         table.add_row(key, fmt(summary.get(key)))
     if metrics and metrics[-1].get("accuracy_by_tier"):
         for tier, acc in metrics[-1]["accuracy_by_tier"].items():

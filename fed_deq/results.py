@@ -23,6 +23,8 @@ from fed_deq.errors import InputError
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 SCENARIO_FILE = "scenario.yaml"
+#: The accuracy a summary's ``sim_time_to_target_s`` and ``bytes_to_target`` are measured to.
+DEFAULT_TARGET = 0.8
 
 
 def to_json_safe(value):
@@ -165,10 +167,13 @@ def _sim_times(metrics: Sequence[Mapping]) -> list[float]:
     return times
 
 
-def summarise(metrics: Sequence[Mapping], *, scenario_name: str, fusion_rule: str, wall_time_s: float) -> dict:
-    """Run summary: final and best accuracy, rounds, wall and simulated time, scenario and fusion rule."""
+def summarise(metrics: Sequence[Mapping], *, scenario_name: str, fusion_rule: str, wall_time_s: float,
+              target: float = DEFAULT_TARGET) -> dict:
+    """Run summary: final and best accuracy, rounds, wall and simulated time, scenario and fusion rule, bytes on
+    the wire (sums of the rows' ``bytes_down`` / ``bytes_up``), and the time and bytes it took to reach ``target``."""
     accuracies = [a for a in (_accuracy(r) for r in metrics) if a is not None]
     times = _sim_times(metrics)
+    down, up = (sum(int(r.get(key) or 0) for r in metrics) for key in ("bytes_down", "bytes_up"))
     return {
         "scenario": scenario_name,
         "fusion_rule": fusion_rule,
@@ -177,6 +182,12 @@ def summarise(metrics: Sequence[Mapping], *, scenario_name: str, fusion_rule: st
         "best_accuracy": max(accuracies) if accuracies else None,
         "wall_time_s": float(wall_time_s),
         "sim_time_s": times[-1] if times else 0.0,
+        "total_bytes_down": down,
+        "total_bytes_up": up,
+        "total_bytes": down + up,
+        "target_accuracy": target,
+        "sim_time_to_target_s": time_to_target(metrics, target),
+        "bytes_to_target": bytes_to_target(metrics, target),
     }
 
 
@@ -186,6 +197,24 @@ def time_to_target(metrics: Sequence[Mapping], target: float) -> float | None:
         accuracy = _accuracy(record)
         if accuracy is not None and accuracy >= target:
             return time_s
+    return None
+
+
+def bytes_to_target(metrics: Sequence[Mapping], target: float) -> int | None:
+    """Bytes on the wire (down + up, through that round) when accuracy first reaches ``target``, or ``None``.
+
+    Reads each record's ``cumulative_bytes``; a record without one adds its ``bytes_down`` + ``bytes_up``
+    (missing: 0) to the running total.
+    """
+    total = 0
+    for record in metrics:
+        if record.get("cumulative_bytes") is not None:
+            total = int(record["cumulative_bytes"])
+        else:
+            total += int(record.get("bytes_down") or 0) + int(record.get("bytes_up") or 0)
+        accuracy = _accuracy(record)
+        if accuracy is not None and accuracy >= target:
+            return total
     return None
 
 

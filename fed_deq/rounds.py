@@ -21,109 +21,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from fed_deq import adversary, fleet, fusion, screening, workload
 from fed_deq.audit import Auditor
+from fed_deq.round_data import Arrays, Instruction, OpenRound, Reply, RoundReport  # noqa: F401 - re-exported
 from fed_deq.rules import FUSION_RULES, FusionInputs
 from fed_deq.scenario import Scenario
 from fed_deq.screening import ClientFacts, Dropped, Rejected
 
-Arrays = dict[str, np.ndarray]
-
 #: A robust aggregation rule provided by an adapter (Flower's FedMedian, FedTrimmedAvg, Krum):
 #: (server round, reference arrays, client arrays, server-known sizes) -> fused arrays.
 Fuser = Callable[[int, Arrays, list[Arrays], np.ndarray], Arrays]
-
-
-@dataclass(frozen=True)
-class Reply:
-    """A client's answer to a training instruction, as plain data.
-
-    ``problem`` is set by an adapter that could not even read the reply (the reason it gives).
-    """
-
-    node_id: int
-    partition_id: int | None
-    arrays: Arrays | None = None
-    metrics: dict[str, float] | None = None
-    error: str | None = None
-    problem: str | None = None
-
-
-@dataclass(frozen=True)
-class Instruction:
-    """One client's training order: its partition and the per-solve budget the server assigned."""
-
-    partition_id: int
-    budget: fleet.Budget
-    proximal_mu: float
-
-
-
-@dataclass
-class RoundReport:
-    """Who took part in a round and what happened to each reply (keys are partition ids)."""
-
-    server_round: int
-    sampled: list[int] = field(default_factory=list)
-    unavailable: int = 0
-    dropped: dict[int, str] = field(default_factory=dict)      # straggler, dropped out, never replied
-    rejected: dict[int, str] = field(default_factory=dict)     # invalid or untruthful reply
-    failed: dict[int, str] = field(default_factory=dict)       # client raised
-    accepted: list[int] = field(default_factory=list)
-    round_sim_time_s: float = 0.0
-    client_sim_time_s: dict[int, float] = field(default_factory=dict)   # the server's clock, per reply
-    fusion_weights: dict[int, float] = field(default_factory=dict)
-    previous_model_weight: float = 0.0     # weight left on the last global model (FedNova), else 0
-    scores: dict[int, float] = field(default_factory=dict)
-    fusion_error: str | None = None
-    probe: dict[str, float] | None = None
-    mean_iterations: float | None = None
-    mean_rel_residual: float | None = None
-
-    def to_record(self) -> dict:
-        """The report's part of a ``metrics.jsonl`` line."""
-        def by_pid(values: dict) -> dict:
-            return {str(k): v for k, v in sorted(values.items())}
-
-        return {
-            "clients_sampled": len(self.sampled),
-            "clients_completed": len(self.accepted),
-            "clients_dropped": len(self.dropped),
-            "clients_rejected": len(self.rejected),
-            "clients_failed": len(self.failed),
-            "clients_unavailable": self.unavailable,
-            "round_sim_time_s": self.round_sim_time_s,
-            "mean_iterations": self.mean_iterations,
-            "mean_rel_residual": self.mean_rel_residual,
-            "fusion_weights": by_pid(self.fusion_weights),
-            "previous_model_weight": self.previous_model_weight,
-            "quality_scores": by_pid(self.scores),
-            "client_sim_time_s": by_pid(self.client_sim_time_s),
-            "fusion_error": self.fusion_error,
-            "probe": self.probe,
-            "dropped": by_pid(self.dropped),
-            "rejected": by_pid(self.rejected),
-            "failed": by_pid(self.failed),
-        }
-
-
-@dataclass
-class OpenRound:
-    """A round between its instructions and its replies."""
-
-    server_round: int
-    reference: Arrays
-    report: RoundReport
-    instructions: dict[int, Instruction]     # by partition id
-
-    @property
-    def bytes_down(self) -> int:
-        """Bytes of the model each instructed client downloads."""
-        return workload.arrays_nbytes(self.reference)
 
 
 @dataclass
@@ -153,16 +64,15 @@ class RoundDriver:
     # --- facts and plan ---------------------------------------------------------------------------------
 
     def _derive_facts(self, device: fleet.Device) -> ClientFacts:
-        t, m = self.scenario.training, self.scenario.model
+        t = self.scenario.training
         local = self.auditor.local(device.partition_id)
         n = len(local.y_train)
         budget = workload.plan_client_budget(self.scenario, device, self.auditor.model, n)
         return ClientFacts(
             partition_id=device.partition_id, tier=device.tier, num_examples=n, num_val=len(local.y_val),
             local_steps=fleet.local_steps(n, t.batch_size, t.local_epochs), budget=budget,
-            budget_share=budget.total / t.max_iterations,
-            max_work=fleet.max_work(samples=n, batch_size=t.batch_size, epochs=t.local_epochs,
-                                    forward=budget.forward, backward=budget.backward, backward_mode=m.backward),
+            budget_share=workload.budget_share(self.scenario, budget),
+            max_work=workload.client_max_work(self.scenario, n, budget),
         )
 
     def initial_arrays(self) -> Arrays:
@@ -200,6 +110,7 @@ class RoundDriver:
         report = open_round.report
         for pid in offline:
             report.dropped[pid] = "node offline"
+        report.bytes_down = open_round.bytes_down * len(set(open_round.instructions) - set(offline))
         candidates = self._check_each(open_round, replies)
         heard = {r.partition_id for r in replies} | set(offline)
         for pid in sorted(set(open_round.instructions) - heard):
@@ -223,6 +134,7 @@ class RoundDriver:
     def _check_each(self, open_round: OpenRound, replies: Sequence[Reply]) -> list[_Checked]:
         report, seen, checked = open_round.report, set(), []
         for reply in replies:
+            report.bytes_up += workload.arrays_nbytes(reply.arrays or {})
             label = reply.partition_id if reply.partition_id is not None else reply.node_id
             if reply.error is not None:
                 report.failed[label] = f"client raised: {reply.error}"
@@ -243,12 +155,15 @@ class RoundDriver:
     def _check(self, open_round: OpenRound, reply: Reply) -> _Checked:
         """Every per-reply check, cheapest first; raises Rejected or Dropped with the reason."""
         pid = screening.check_sender(reply.problem, reply.partition_id, reply.node_id, open_round.instructions)
+        bytes_up = workload.arrays_nbytes(reply.arrays or {})  # as it crossed the wire, before decoding
+        reply = replace(reply, arrays=screening.decode_upload(reply.arrays, self.scenario.training.upload,
+                                                              open_round.reference))
         screening.check_payload(reply.arrays, reply.metrics, open_round.reference)
         metrics, facts = reply.metrics, self.facts[pid]
         screening.check_identity(metrics, open_round.server_round, pid)
         screening.check_ranges(metrics, facts)
         screening.check_claims(metrics, facts)
-        sim_time = self._server_time(open_round, reply, facts)
+        sim_time = self._server_time(open_round, reply, facts, bytes_up)
         screening.check_time(float(metrics["sim-time-s"]), sim_time)
         deadline = self.scenario.training.deadline_s
         if sim_time > deadline:
@@ -261,7 +176,7 @@ class RoundDriver:
                         val_accuracy=float(val.accuracy) if val.num_examples else 0.0,
                         val_residual=float(val.rel_residual))
 
-    def _server_time(self, open_round: OpenRound, reply: Reply, facts: ClientFacts) -> float:
+    def _server_time(self, open_round: OpenRound, reply: Reply, facts: ClientFacts, bytes_up: int) -> float:
         """The server's clock for a reply: the work it reports (bounded by the budget, checked before) on its
         device, with the scenario's straggler draw, plus the bytes really sent and received."""
         m = reply.metrics
@@ -271,7 +186,7 @@ class RoundDriver:
         compute_s, comm_s = workload.round_clock(
             self.scenario, self.devices[facts.partition_id], self.auditor.model, work,
             server_round=open_round.server_round, bytes_down=open_round.bytes_down,
-            bytes_up=workload.arrays_nbytes(reply.arrays))
+            bytes_up=bytes_up)
         return compute_s + comm_s
 
     def _screen_norms(self, open_round: OpenRound, checked: list[_Checked]) -> list[_Checked]:
@@ -345,7 +260,8 @@ class RoundDriver:
             report.scores = dict(zip(pids, map(float, scores)))
         result = rule.fuse(FusionInputs(reference=open_round.reference, arrays=arrays, sizes=sizes,
                                         local_steps=[c.facts.local_steps for c in accepted], scores=scores,
-                                        fusion=f, training=self.scenario.training))
+                                        fusion=f, training=self.scenario.training,
+                                        tiers=tuple(c.facts.tier for c in accepted)))
         screening.check_fused(result.arrays, open_round.reference)
         report.fusion_weights = dict(zip(pids, map(float, result.weights)))
         report.previous_model_weight = result.previous_model_weight

@@ -32,6 +32,7 @@ class FusionInputs:
     scores: np.ndarray | None         # server-measured quality scores (rules with ``scored``)
     fusion: Any                       # the scenario's fusion section
     training: Any                     # the scenario's training section
+    tiers: tuple[str, ...] = ()       # each model's tier, from the server's fleet (quality: tier weights)
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,11 @@ class FusionRule:
 
 
 def fuse_quality(x: FusionInputs) -> Fused:
-    """Weights n^a * max(q, floor)^b, normalised."""
+    """Weights t * n^a * max(q, floor)^b, normalised; t is the client's tier weight (``fusion.tier_weights``)."""
     f = x.fusion
+    multipliers = fusion.tier_multipliers(x.tiers, f.tier_weights) if f.tier_weights else None
     weights = fusion.quality_weights(x.sizes, x.scores, size_exponent=f.size_exponent,
-                                     quality_exponent=f.quality_exponent, floor=f.floor)
+                                     quality_exponent=f.quality_exponent, floor=f.floor, multipliers=multipliers)
     return Fused(fusion.weighted_average(x.arrays, weights), weights)
 
 
@@ -80,7 +82,7 @@ def fuse_fednova(x: FusionInputs) -> Fused:
 
 #: Rule name → rule; the order is the order tuning and comparisons list them in.
 FUSION_RULES: Mapping[str, FusionRule] = MappingProxyType({
-    "quality": FusionRule("weights n^a * max(q, floor)^b from a server-measured quality score q",
+    "quality": FusionRule("weights t * n^a * max(q, floor)^b: t the tier's weight, q a server-measured quality",
                           fuse=fuse_quality, scored=True),
     "fedavg": FusionRule("weights proportional to the server-known sample counts", fuse=fuse_by_size),
     "fednova": FusionRule("FedNova: updates normalised by each client's local steps", fuse=fuse_fednova),

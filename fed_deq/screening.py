@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fed_deq import fleet, fusion
+from fed_deq import fleet, fusion, quantize
 
 Arrays = dict[str, np.ndarray]
 
@@ -63,6 +63,16 @@ def check_sender(problem: str | None, partition_id: int | None, node_id: int, in
     if partition_id not in instructed:
         raise Rejected("reply from a client not asked to train this round")
     return partition_id
+
+
+def decode_upload(arrays: Arrays | None, encoding: str, reference: Arrays) -> Arrays | None:
+    """A reply's arrays dequantised into the reference's dtypes (``training.upload``, fed_deq/quantize.py)."""
+    if arrays is None:
+        return None
+    try:
+        return quantize.decode(arrays, encoding, reference)
+    except ValueError as exc:
+        raise Rejected(f"unreadable {encoding} upload: {exc}") from None
 
 
 def check_payload(arrays: Arrays | None, metrics: dict | None, reference: Arrays) -> None:

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fed_deq import adversary, data, fleet, seeding
-from fed_deq.deq import build_model
+from fed_deq import adversary, data, fleet, quantize, seeding
+from fed_deq.deq import build_classifier, is_fixed_depth
 from fed_deq.scenario import Scenario, num_clients, resolve_tier
 from fed_deq.training import LocalTrainConfig, evaluate, train_local
 
@@ -20,19 +20,22 @@ Arrays = dict[str, np.ndarray]
 
 
 def scenario_data(scenario: Scenario) -> data.DataBundle:
-    """The scenario's dataset (memoised per process by ``data.load_dataset``)."""
+    """The scenario's dataset with the server's validation split held back (memoised per process)."""
     ds = scenario.dataset
-    return data.load_dataset(ds.name, seed=scenario.seed, num_samples=ds.num_samples,
-                             test_fraction=ds.test_fraction, image_key=ds.image_key, label_key=ds.label_key,
-                             probe_samples=scenario.fusion.probe_samples)
+    bundle = data.load_dataset(ds.name, seed=scenario.seed, num_samples=ds.num_samples,
+                               test_fraction=ds.test_fraction, image_key=ds.image_key, label_key=ds.label_key,
+                               probe_samples=scenario.fusion.probe_samples)
+    return data.hold_server_validation(bundle, ds.server_validation_samples, scenario.seed)
 
 
 def build_scenario_model(scenario: Scenario, bundle: data.DataBundle) -> nn.Module:
-    """The scenario's DEQ classifier, initialised from the scenario seed (global RNG state untouched)."""
+    """The scenario's classifier (``model.kind``: the DEQ or a fixed-depth baseline), initialised from the
+    scenario seed (global RNG state untouched); sparse masks are drawn from the same model seed."""
     m = scenario.model
-    return build_model(cell=m.cell, input_shape=tuple(bundle.input_shape), num_classes=bundle.num_classes,
-                       width=m.width, contraction=m.contraction, spectral_gain=m.spectral_gain,
-                       seed=int(seeding.rng(scenario.seed, "model-init").integers(2**31)))
+    return build_classifier(m.kind, m.cell, tuple(bundle.input_shape), bundle.num_classes, depth=m.depth,
+                            sparse_masks=m.sparse_masks, mask_density=m.mask_density, width=m.width,
+                            contraction=m.contraction, spectral_gain=m.spectral_gain,
+                            seed=int(seeding.rng(scenario.seed, "model-init").integers(2**31)))
 
 
 def model_arrays(model: nn.Module) -> Arrays:
@@ -74,9 +77,15 @@ def client_device(scenario: Scenario, partition_id: int, tier: str | None = None
 
 
 def plan_client_budget(scenario: Scenario, device: fleet.Device, model: nn.Module, samples: int) -> fleet.Budget:
-    """The per-solve iteration budget this device affords within the round deadline."""
+    """The per-solve iteration budget this device affords within the round deadline.
+
+    A fixed-depth model (``model.kind`` weight_tied or explicit) needs its whole depth on every device: its
+    budget is ``depth`` layers forward and ``depth`` back, and a device too slow for it straggles.
+    """
     t, m = scenario.training, scenario.model
-    comm = fleet.comm_seconds(device, fleet.model_bytes(num_parameters(model)))
+    if is_fixed_depth(m.kind):
+        return fleet.Budget(forward=m.depth, backward=m.depth)
+    comm = planned_comm_seconds(scenario, device, model)
     return fleet.plan_budget(device, deadline_s=t.deadline_s, comm_s=comm, samples=samples,
                              epochs=t.local_epochs, cell_flops=model.cell_flops(),
                              overhead_flops=model.overhead_flops(), backward=m.backward,
@@ -85,9 +94,31 @@ def plan_client_budget(scenario: Scenario, device: fleet.Device, model: nn.Modul
                              norm_flops=model.norm_flops(), solver_flops=model.solver_flops(m.solver))
 
 
+def client_max_work(scenario: Scenario, samples: int, budget: fleet.Budget) -> fleet.WorkCounts:
+    """The most work a round on ``samples`` training samples can do with ``budget``: ``fleet.max_work`` for
+    the DEQ, ``fleet.unroll_work`` (exact) for a fixed-depth model. The server caps what a reply claims by it."""
+    t, m = scenario.training, scenario.model
+    if is_fixed_depth(m.kind):
+        return fleet.unroll_work(samples=samples, batch_size=t.batch_size, epochs=t.local_epochs, depth=m.depth)
+    return fleet.max_work(samples=samples, batch_size=t.batch_size, epochs=t.local_epochs, forward=budget.forward,
+                          backward=budget.backward, backward_mode=m.backward)
+
+
+def budget_share(scenario: Scenario, budget: fleet.Budget) -> float:
+    """The share of the largest budget a device got: ``total / training.max_iterations`` for the DEQ, 1 for a
+    fixed-depth model (every device runs all of it)."""
+    if is_fixed_depth(scenario.model.kind):
+        return 1.0
+    return budget.total / scenario.training.max_iterations
+
+
 @dataclass(frozen=True)
 class ClientRound:
-    """One client's reply for one round: new arrays, metrics, and the warm-start bank to keep."""
+    """One client's reply for one round: new arrays, metrics, and the warm-start bank to keep.
+
+    ``arrays`` is the upload as it goes on the wire, encoded as ``training.upload`` says (fed_deq/quantize.py);
+    the server decodes it before screening.
+    """
 
     arrays: Arrays
     metrics: dict[str, float]
@@ -95,8 +126,19 @@ class ClientRound:
 
 
 def arrays_nbytes(arrays: Arrays) -> int:
-    """Bytes of a model on the wire (the payload of its ArrayRecord)."""
-    return int(sum(np.asarray(a).nbytes for a in arrays.values()))
+    """Bytes of a model on the wire: the tensor payload of its ArrayRecord (``quantize.payload_bytes``)."""
+    return quantize.payload_bytes(arrays)
+
+
+def transfer_seconds(device: fleet.Device, bytes_down: int, bytes_up: int) -> float:
+    """Simulated seconds to download ``bytes_down`` and upload ``bytes_up`` at the device's bandwidth."""
+    return (bytes_down + bytes_up) * fleet.BITS_PER_BYTE / device.bandwidth_bps
+
+
+def planned_comm_seconds(scenario: Scenario, device: fleet.Device, model: nn.Module) -> float:
+    """What a round's communication will cost: the model down in its own dtypes, up as ``training.upload``."""
+    arrays = model_arrays(model)
+    return transfer_seconds(device, arrays_nbytes(arrays), quantize.upload_bytes(arrays, scenario.training.upload))
 
 
 def round_clock(scenario: Scenario, device: fleet.Device, model: nn.Module, work: fleet.WorkCounts, *,
@@ -110,7 +152,7 @@ def round_clock(scenario: Scenario, device: fleet.Device, model: nn.Module, work
                              norm_flops=model.norm_flops(), solver_flops=model.solver_flops(scenario.model.solver))
     slowdown = fleet.straggler_slowdown(device, seed=scenario.seed, round=server_round)
     compute_s = fleet.compute_seconds(device, flops) * slowdown
-    comm_s = (bytes_down + bytes_up) * fleet.BITS_PER_BYTE / device.bandwidth_bps
+    comm_s = transfer_seconds(device, bytes_down, bytes_up)
     return compute_s, comm_s
 
 
@@ -150,14 +192,27 @@ def run_client_round(
     result, bank = train_local(model, local.x_train, local.y_train, cfg=cfg, forward_budget=budget.forward,
                                backward_budget=budget.backward, generator=gen, warm_start=warm_start,
                                reuse_fixed_points=t.warm_start)
+    wire, sent = encode_upload(model, t.upload)
     val = validate(scenario, model, local, budget)
-    arrays = model_arrays(model)
     compute_s, comm_s = round_clock(scenario, device, model, result.work, server_round=server_round,
-                                    bytes_down=arrays_nbytes(global_arrays), bytes_up=arrays_nbytes(arrays))
+                                    bytes_down=arrays_nbytes(global_arrays), bytes_up=arrays_nbytes(wire))
     metrics = _round_metrics(scenario, budget, result, val, server_round, partition_id, compute_s, comm_s)
-    arrays, metrics = adversary.apply(attack, arrays, metrics)
+    if attack is not None:
+        # The attack rewrites what an honest client would send; what it sends is then encoded like any upload.
+        attacked, metrics = adversary.apply(attack, sent, metrics)
+        wire = quantize.encode(attacked, t.upload)
     keep = bank if t.warm_start else np.zeros((0,), np.float32)  # nothing to carry to the next round
-    return ClientRound(arrays=arrays, metrics=metrics, warm_start=keep)
+    return ClientRound(arrays=wire, metrics=metrics, warm_start=keep)
+
+
+def encode_upload(model: nn.Module, encoding: str) -> tuple[Arrays, Arrays]:
+    """The trained model as it goes on the wire and as the server will decode it; ``model`` is left holding
+    the decoded arrays, so the client validates (and reports on) exactly the model the server re-evaluates."""
+    arrays = model_arrays(model)
+    wire = quantize.encode(arrays, encoding)
+    sent = quantize.decode(wire, encoding, arrays)
+    load_arrays(model, sent)
+    return wire, sent
 
 
 def validate(scenario: Scenario, model: nn.Module, local: data.ClientData, budget: fleet.Budget):
@@ -179,7 +234,7 @@ def _round_metrics(scenario, budget, result, val, server_round, partition_id, co
         "forward-iterations": result.forward_iterations,
         "backward-iterations": result.backward_iterations,
         "budget-total": float(budget.total),
-        "budget-share": budget.total / scenario.training.max_iterations,
+        "budget-share": budget_share(scenario, budget),
         "rel-residual": result.rel_residual,
         "val-accuracy": float(val.accuracy) if val.num_examples else 0.0,
         "val-rel-residual": float(val.rel_residual),
@@ -214,12 +269,17 @@ def tier_eval_budgets(scenario: Scenario, model: nn.Module) -> dict[str, int]:
 
 def evaluate_global(scenario: Scenario, model: nn.Module, arrays: Arrays,
                     tier_budgets: dict[str, int]) -> dict:
-    """Centralised test accuracy at the evaluation budget and at each tier's own budget."""
+    """Centralised test accuracy at the evaluation budget and at each tier's own budget, and the accuracy on
+    the server's validation split at the evaluation budget (None without one): tuning reads only that."""
     bundle = scenario_data(scenario)
     load_arrays(model, arrays)
     m = scenario.model
     main = evaluate(model, bundle.x_test, bundle.y_test, solver=m.solver, max_iter=m.eval_iterations, tol=m.tol)
     by_tier = {tier: evaluate(model, bundle.x_test, bundle.y_test, solver=m.solver, max_iter=k, tol=m.tol).accuracy
                for tier, k in tier_budgets.items()}
+    server_val = None
+    if bundle.y_server_val is not None and len(bundle.y_server_val):
+        server_val = evaluate(model, bundle.x_server_val, bundle.y_server_val, solver=m.solver,
+                              max_iter=m.eval_iterations, tol=m.tol).accuracy
     return {"accuracy": main.accuracy, "loss": main.loss, "eval_iterations": main.mean_iterations,
-            "eval_rel_residual": main.rel_residual, "accuracy_by_tier": by_tier}
+            "eval_rel_residual": main.rel_residual, "accuracy_by_tier": by_tier, "server_val_accuracy": server_val}

@@ -13,7 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TINY_SCENARIO = """\
 seed: 3
-dataset: {name: digits, test_fraction: 0.2, validation_fraction: 0.1, partition: {kind: iid}}
+dataset: {name: digits, test_fraction: 0.2, validation_fraction: 0.1, server_validation_samples: 100,
+          partition: {kind: iid}}
 model: {cell: mlp, width: 16, contraction: spectral, solver: anderson, tol: 1.0e-3, backward: one-step,
         eval_iterations: 10}
 fleet:
@@ -25,6 +26,16 @@ training: {rounds: 2, clients_per_round: 4, local_epochs: 1, batch_size: 32, lea
 fusion: {rule: quality, score: product}
 simulation: {cpus_per_client: 1}
 """
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dataset_cache_dir(tmp_path_factory) -> Path:
+    """Generated datasets are cached in a folder of this test session, never in the user's ~/.cache/fed-deq.
+    Set in the environment, so that child processes and Ray workers started by tests use it too."""
+    folder = tmp_path_factory.mktemp("dataset-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FED_DEQ_CACHE_DIR", str(folder))
+        yield folder
 
 
 @pytest.fixture

@@ -22,11 +22,13 @@ DEFAULT = Path(__file__).resolve().parent.parent / "scenarios" / "default.yaml"
 #: Attacks that only forge a claim: the fleet with them must train exactly as the fleet without them.
 LIES = ("inflate_examples", "fake_residual", "fake_accuracy", "fake_time", "fake_steps")
 #: All ten attacks at once, spread over the three tiers of the default fleet.
-MIXED = ("adversaries=[{tier: phone, count: 1, attack: inflate_examples}, {tier: phone, count: 1, attack: fake_time},"
-         " {tier: phone, count: 1, attack: nan_update}, {tier: phone, count: 1, attack: silent},"
-         " {tier: tablet, count: 1, attack: fake_residual}, {tier: tablet, count: 1, attack: fake_accuracy},"
-         " {tier: tablet, count: 1, attack: crash}, {tier: laptop, count: 1, attack: fake_steps},"
-         " {tier: laptop, count: 1, attack: negative_metric}, {tier: laptop, count: 1, attack: wrong_shape}]")
+MIXED = ("adversaries=[{tier: phone-low, count: 1, attack: inflate_examples},"
+         " {tier: phone-low, count: 1, attack: fake_time},"
+         " {tier: phone-low, count: 1, attack: nan_update}, {tier: phone-low, count: 1, attack: silent},"
+         " {tier: phone-mid, count: 1, attack: fake_residual}, {tier: phone-mid, count: 1, attack: fake_accuracy},"
+         " {tier: phone-mid, count: 1, attack: crash}, {tier: phone-flagship, count: 1, attack: fake_steps},"
+         " {tier: phone-flagship, count: 1, attack: negative_metric},"
+         " {tier: phone-flagship, count: 1, attack: wrong_shape}]")
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -84,7 +86,7 @@ def test_a_liar_changes_the_model_exactly_as_much_as_its_absence(default_round, 
 
 
 def test_a_silent_adversary_on_the_default_scenario_costs_the_deadline():
-    scenario = load_scenario(DEFAULT, overrides=["adversaries=[{tier: laptop, count: 1, attack: silent}]",
+    scenario = load_scenario(DEFAULT, overrides=["adversaries=[{tier: phone-flagship, count: 1, attack: silent}]",
                                                  "training.clients_per_round=20"])
     driver = RoundDriver(scenario)
     (silent,) = driver.adversaries

@@ -30,7 +30,8 @@ RESULTS = ROOT / "benchmarks" / "results.json"
 
 def valid_results() -> dict:
     """A results.json document as run_all writes it (values invented, shapes real)."""
-    values = {"overhead_ratio": 1.3, "large_fleet_peak_rss_gib": 2.4, "fleet_size_round_ratio": 1.05,
+    values = {"overhead_ratio": 1.3, "overhead_per_update_s": 0.05, "study_extra_run_s": 1.1,
+              "large_fleet_peak_rss_gib": 2.4, "fleet_size_round_ratio": 1.05,
               "anderson_over_picard_iters": 0.72, "solver_time_ratio_vs_torchdeq": 0.88,
               "warm_over_cold_iters": 0.8, "quality_over_fedavg_time_to_target": 0.9}
     figures = {name: run_all.figure(name, value, f"cmd {name}", {"a": 1.5, "nested": {"b": [1, 2.0]}})
@@ -45,6 +46,8 @@ def test_a_document_as_run_all_writes_it_passes():
     assert data["figures"]["overhead_ratio"]["met"] is False      # 1.3 > 1.0
     assert data["figures"]["fleet_size_round_ratio"]["met"] is True
     assert data["figures"]["quality_over_fedavg_time_to_target"]["met"] is None  # no goal
+    assert data["figures"]["study_extra_run_s"]["met"] is True       # 1.1 <= 2.0
+    assert data["figures"]["overhead_per_update_s"]["met"] is None
     check_results(json.loads(json.dumps(data)))  # and after a JSON round trip
 
 
@@ -233,3 +236,38 @@ def test_fusion_study_pairs_runs_by_seed_and_counts_a_missed_target_at_the_horiz
     assert rows["quality/probe"]["time_to_target_s"]["values"] == [30.0, 30.0]  # seed 1 never reached: horizon
     assert rows["quality/probe"]["reached_target"] == 1
     assert fusion_study.best_config(rows) == "quality/probe"
+
+
+def test_study_step_subtracts_the_bare_work_from_the_wall_each_extra_run_adds(tmp_path):
+    """benchmarks/study_cost.py with the child processes faked: 2 runs take 10 s, 6 runs 18 s, so each of the 4
+    extra runs adds 2 s of wall, of which the bare loop needs 0.5 s: 1.5 s of fixed cost per run."""
+    from types import SimpleNamespace
+
+    from benchmarks import study_cost
+
+    seeds = [0, 7, 9]
+    commands = []
+
+    def fake_run(command, log):
+        commands.append(command)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        if command[1] == "compare":
+            count = int(command[command.index("--seeds") + 1])
+            out = Path(command[command.index("--out") + 1])
+            rows = ["rule,seed,wall_time_s"]
+            for seed in seeds[:count]:
+                for rule in ("fedavg", "quality"):
+                    rows.append(f"{rule},{seed},1.25")
+                    (out / rule / f"seed-{seed}").mkdir(parents=True)
+                    (out / rule / f"seed-{seed}" / "summary.json").write_text('{"wall_time_s": 0.75}')
+            (out / "compare.csv").write_text("\n".join(rows) + "\n")
+            return SimpleNamespace(wall_s={1: 10.0, 3: 18.0}[count])
+        variants = command[command.index("--variants") + 1].split(",")
+        walls = [{"rule": v.split("@")[0], "seed": int(v.split("@")[1]), "wall_s": 0.5} for v in variants]
+        log.write_text("noise\n" + json.dumps({"runs": walls}) + "\n")
+        return SimpleNamespace(wall_s=3.0)
+
+    fig = study_cost.step_study(tmp_path, fake_run, run_all.figure)["study_extra_run_s"]
+    assert fig["value"] == pytest.approx(18.0 / 4 - 10.0 / 4 - 0.5)
+    assert fig["details"]["extra_run_outside_rounds_s"] == [0.5] * 4 and fig["met"] is True
+    assert commands[-1][commands[-1].index("--variants") + 1] == "fedavg@0,quality@0,fedavg@7,quality@7,fedavg@9,quality@9"

@@ -182,7 +182,7 @@ def test_an_error_reply_from_the_superlink_is_filed_under_the_dead_nodes_partiti
 @pytest.mark.parametrize("rule", ["fedmedian", "fedtrimmedavg", "krum"])
 def test_flowers_robust_rules_fuse_behind_the_driver(tiny_scenario_path, tmp_path, rule):
     scenario = load_scenario(tiny_scenario_path, overrides=[f"fusion.rule={rule}", "fusion.krum_malicious=0",
-                                                            "training.rounds=1"])
+                                                            "training.rounds=2"])
     summary, records = _run(scenario, tmp_path / "out")
-    assert records[0]["clients_completed"] == 4 and records[0]["fusion_error"] is None
-    assert summary["final_accuracy"] > 0.1
+    assert all(r["clients_completed"] == 4 and r["fusion_error"] is None for r in records)
+    assert summary["final_accuracy"] > summary["initial_accuracy"]  # two rounds of it already learn something

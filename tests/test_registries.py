@@ -25,7 +25,9 @@ def choice_fields(model: type = Scenario, prefix: str = "") -> dict[str, str]:
     found = {}
     for name, info in model.model_fields.items():
         path = f"{prefix}{name}"
-        for item in info.metadata:
+        # An optional choice (``Annotated[str, Choice(...)] | None``) keeps its Choice inside the union.
+        inner = [getattr(arg, "__metadata__", ()) for arg in typing.get_args(info.annotation)]
+        for item in [*info.metadata, *(meta for metas in inner for meta in metas)]:
             if isinstance(item, Choice):
                 found[path] = item.choice
         child = model_of(info.annotation)
@@ -42,6 +44,8 @@ def scenario_with(path: str, value: str) -> dict:
     """A scenario mapping that sets ``path`` (an adversaries entry gets the default tier and a count)."""
     if path.startswith("adversaries."):
         return {"adversaries": [{"tier": "device", "count": 1, path.rsplit(".", 1)[1]: value}]}
+    if path.startswith("fleet.tiers."):
+        return {"fleet": {"tiers": [{"name": "device", "count": 1, path.rsplit(".", 1)[1]: value}]}}
     data: dict = {}
     node = data
     *parents, last = path.split(".")
@@ -77,9 +81,9 @@ def test_the_schema_accepts_exactly_the_registry_names(path):
     assert names, "an empty registry would make the key impossible to set"
     for name in names:
         parsed = parse_scenario(scenario_with(path, name), SRC)
-        section = parsed.adversaries[0] if path.startswith("adversaries.") else parsed
-        for part in path.split(".")[2 if path.startswith("adversaries.") else 0:]:
-            section = getattr(section, part)
+        section = parsed
+        for part in path.split("."):
+            section = section[int(part)] if part.isdigit() else getattr(section, part)
         assert section == name
     unknown = "x-" + names[0]
     with pytest.raises(InputError) as info:

@@ -53,7 +53,10 @@ def test_torn_last_line_is_dropped_but_corruption_elsewhere_is_an_error(tmp_path
 def test_summary_and_scenario_files(tmp_path):
     summary = results.summarise(ROUNDS, scenario_name="tiers", fusion_rule="quality", wall_time_s=12.5)
     assert summary == {"scenario": "tiers", "fusion_rule": "quality", "rounds": 3, "final_accuracy": 0.65,
-                       "best_accuracy": 0.70, "wall_time_s": 12.5, "sim_time_s": 30.0}
+                       "best_accuracy": 0.70, "wall_time_s": 12.5, "sim_time_s": 30.0,
+                       # rounds without bytes fields (older runs) count as 0 bytes; 0.8 is never reached
+                       "total_bytes_down": 0, "total_bytes_up": 0, "total_bytes": 0, "target_accuracy": 0.8,
+                       "sim_time_to_target_s": None, "bytes_to_target": None}
     results.write_summary(tmp_path, summary)
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     results.write_scenario(tmp_path, "seed: 0\n")

@@ -35,7 +35,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     console.print(f"[bold]fed-deq[/] simulating [cyan]{args.scenario or default_scenario()}[/] → {out_dir}")
     try:
-        summary = simulate(scenario, out_dir, name=name, progress=not args.no_progress)
+        summary = simulate(scenario, out_dir, name=name, progress=not args.no_progress,
+                           tensorboard=args.tensorboard)
     except SimulationInterrupted as stopped:
         if stopped.summary is None:
             raise
@@ -102,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_scenario_args(p)
     p.add_argument("--out", metavar="FOLDER", help="output folder (default runs/<scenario name>)")
     p.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard scalars (accuracy, loss, per-tier accuracy, bytes, iterations) "
+                        "to FOLDER/tb")
     p.set_defaults(func=cmd_simulate)
     p = sub.add_parser("validate", help="check scenario files without running them",
                        description="Check scenario files and print one line per file; nothing is run or written.")

@@ -21,7 +21,7 @@ from fed_deq import results
 from fed_deq.errors import InputError, RunFailed
 from fed_deq.scenario import Scenario, dump_scenario, parse_scenario
 
-DEFAULT_TARGET = 0.8
+DEFAULT_TARGET = results.DEFAULT_TARGET
 
 #: ``run(scenario, out_dir, name) -> summary``: one whole simulation writing metrics.jsonl into ``out_dir``.
 RunFn = Callable[[Scenario, Path, str], dict]
@@ -60,11 +60,12 @@ def with_values(scenario: Scenario, section: str, values: Mapping[str, Any], sou
 # Runners
 
 
-def run_in_process(scenario: Scenario, out_dir: Path, name: str) -> dict:
-    """One simulation through Flower + Ray in this process (Ray starts and stops inside)."""
+def run_in_process(scenario: Scenario, out_dir: Path, name: str, engine=None) -> dict:
+    """One simulation through Flower + Ray in this process: on ``engine`` (a ``tools.engine.RayEngine``, left
+    running for the next run) if given, else on a Ray instance started and stopped for this run alone."""
     from tools.simulate import simulate
 
-    return simulate(scenario, out_dir, name=name, progress=False)
+    return simulate(scenario, out_dir, name=name, progress=False, engine=engine)
 
 
 def run_in_subprocess(scenario: Scenario, out_dir: Path, name: str) -> dict:
@@ -94,22 +95,63 @@ def default_runner(jobs: int) -> RunFn:
 def study_engine(scenario: Scenario, jobs: int = 1) -> Iterator[RunFn]:
     """The runner a study (compare, tune) uses for all its simulations, set up once for the whole study.
 
-    (Interim: yields ``default_runner(jobs)``; the shared-engine version keeps one Ray instance and the cached
-    dataset across all runs.)
+    One job: every run goes through this process's one Ray instance and one pool of client actors, started
+    by the first run (so a study that fails before it starts none) and stopped when the block ends, however
+    it ends (``scenario.simulation`` says how: ``num_cpus``, ``ray_address``; see tools/engine.py). Several
+    jobs: each run in a child process with its own Ray (Ray is one per process). Generated datasets come
+    from the on-disk cache either way (fed_deq/datacache.py).
     """
-    yield default_runner(jobs)
+    if jobs != 1:
+        yield run_in_subprocess
+        return
+    from tools.simulate import open_engine
+
+    with contextlib.ExitStack() as stack:
+        engines: list = []
+
+        def run(variant: Scenario, out_dir: Path, name: str) -> dict:
+            if not engines:
+                engines.append(stack.enter_context(open_engine(scenario)))
+            return run_in_process(variant, out_dir, name, engine=engines[0])
+
+        yield run
 
 
 # --------------------------------------------------------------------------------------------------------
 # Scoring and writing
 
 
-def run_figures(metrics: Sequence[dict], rule: str, target: float) -> dict[str, Any]:
-    """Final and best accuracy, simulated seconds to ``target`` (None if never reached) and in all, of one run."""
-    summary = results.summarise(metrics, scenario_name="", fusion_rule=rule, wall_time_s=0.0)
+def run_figures(metrics: Sequence[dict], target: float) -> dict[str, Any]:
+    """Final and best accuracy, simulated seconds and bytes to ``target`` (None if never reached) and
+    simulated seconds in all, of one run (from the rows' ``accuracy``; see ``accuracy_view``)."""
+    summary = results.summarise(metrics, scenario_name="", fusion_rule="", wall_time_s=0.0)
     return {"final_accuracy": summary["final_accuracy"], "best_accuracy": summary["best_accuracy"],
-            "time_to_target_s": results.time_to_target(metrics, target) if metrics else None,
+            "sim_time_to_target_s": results.time_to_target(metrics, target) if metrics else None,
+            "bytes_to_target": bytes_to_target(metrics, target),
             "sim_time_s": summary["sim_time_s"]}
+
+
+def bytes_to_target(metrics: Sequence[dict], target: float) -> int | None:
+    """Bytes sent and received until the accuracy first reached ``target`` (``results.bytes_to_target``);
+    None if never reached, or if the rows count no bytes at all (a run recorded before they did)."""
+    if not any(key in m for m in metrics for key in ("cumulative_bytes", "bytes_down", "bytes_up")):
+        return None
+    return results.bytes_to_target(metrics, target)
+
+
+def accuracy_view(metrics: Sequence[dict], key: str) -> list[dict]:
+    """The rows with ``accuracy`` replaced by ``key`` (e.g. ``server_val_accuracy``), so every figure of
+    ``run_figures`` is measured on that split instead of the test set."""
+    return [{**m, "accuracy": m.get(key)} for m in metrics]
+
+
+def with_seed(scenario: Scenario, seed: int, source: str) -> Scenario:
+    """The scenario with another top-level ``seed``, validated like a scenario file read from ``source``."""
+    import yaml
+
+    data = yaml.safe_load(dump_scenario(scenario))
+    data["seed"] = int(seed)
+    return parse_scenario(data, source)
 
 
 def one_line(error: BaseException, limit: int = 300) -> str:

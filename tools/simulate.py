@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -14,8 +15,8 @@ from pathlib import Path
 
 from fed_deq.errors import RunFailed
 from fed_deq.scenario import Scenario
+from tools.engine import FLOWER_ENV, RayEngine, flower_backend_module
 
-FLOWER_ENV = {"FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
 #: Flower's own log line on every run_simulation call ("DEPRECATED FEATURE: The `run_simulation` function is
 #: deprecated ..."): a logged warning, not a Python warning, so it is filtered on Flower's logger.
 DEPRECATION_NOTICE = "`run_simulation` function is deprecated"
@@ -148,12 +149,53 @@ def backend_config(scenario: Scenario) -> dict:
     return {"client_resources": {"num_cpus": sim.cpus_per_client, "num_gpus": 0.0}, "init_args": init_args}
 
 
-def simulate(scenario: Scenario, out_dir: str | Path, *, name: str = "scenario", progress: bool = True) -> dict:
+@contextmanager
+def open_engine(scenario: Scenario) -> Iterator[RayEngine]:
+    """Ray and the client actors for any number of simulations like ``scenario`` (its ``simulation`` section
+    says how: ``num_cpus``, ``cpus_per_client``, ``ray_address``). They start on entry, the actors then
+    loading the ClientApp and the scenario's data in the background; they are stopped (or, from a cluster,
+    disconnected from) on exit. See tools/engine.py."""
+    from fed_deq.scenario import dump_scenario
+
+    engine = RayEngine(backend_config(scenario), warm_up=functools.partial(warm_client, dump_scenario(scenario)))
+    try:
+        with quiet_flower():
+            try:
+                engine.start()
+            except Exception as exc:  # noqa: BLE001 - re-raised with a one-line reason for the CLI
+                raise RunFailed(f"Ray did not start: {' '.join(str(exc).split())[:300]}") from exc
+        yield engine
+    finally:
+        engine.close()
+
+
+def warm_client(scenario_text: str) -> None:
+    """Run in each new client actor: import the ClientApp and load the scenario's data, as its first train
+    message would (the parsed scenario and the data are memoised in the actor's process)."""
+    import clients.app  # noqa: F401 - imported for its import time, in the actor
+    from fed_deq.scenario import parse_scenario_text
+    from fed_deq.workload import scenario_data
+
+    scenario_data(parse_scenario_text(scenario_text))
+
+
+def simulate(scenario: Scenario, out_dir: str | Path, *, name: str = "scenario", progress: bool = True,
+             tensorboard: bool = False, engine: RayEngine | None = None) -> dict:
     """Run every round of ``scenario`` through Flower + Ray; return the summary written to ``out_dir``.
 
-    On Ctrl-C the run stops after the rounds finished so far: their metrics stay in metrics.jsonl, summary.json
-    says ``"interrupted": true``, Ray and its processes are ended, then SimulationInterrupted is raised.
+    ``engine``: the Ray instance and client actors to run on, kept for the next run (``open_engine``); without
+    one the run starts its own and stops it at the end. On Ctrl-C the run stops after the rounds finished so
+    far: their metrics stay in metrics.jsonl, summary.json says ``"interrupted": true``, Ray and its
+    processes are ended (the engine's too), then SimulationInterrupted is raised.
     """
+    if engine is None:
+        # The driver's other imports and its dataset load in a thread while Ray and the actors start. Ray and
+        # Flower's backend are imported first, here: two threads importing one package at once can see it
+        # half initialised.
+        flower_backend_module()
+        threading.Thread(target=_prepare_driver, args=(scenario,), daemon=True).start()
+        with open_engine(scenario) as own:
+            return simulate(scenario, out_dir, name=name, progress=progress, tensorboard=tensorboard, engine=own)
     os.environ.update(FLOWER_ENV)
     from flwr.app import Context  # imported late: Flower is slow to import and only needed here
     from flwr.serverapp import Grid, ServerApp
@@ -164,8 +206,8 @@ def simulate(scenario: Scenario, out_dir: str | Path, *, name: str = "scenario",
     from server.federation import run_federation
     from tools.flower_patch import single_pass_dispatch
 
-    # The server's dataset is generated while Ray starts (the recorder reads the memoised copy), not after it.
-    threading.Thread(target=_prewarm_dataset, args=(scenario,), daemon=True).start()
+    # The server's dataset is loaded while Flower starts (the recorder reads the memoised copy), not after it.
+    threading.Thread(target=_prepare_driver, args=(scenario,), daemon=True).start()
     outcome: dict = {}
     stop, server_done = threading.Event(), threading.Event()
     server_app = ServerApp()
@@ -174,14 +216,16 @@ def simulate(scenario: Scenario, out_dir: str | Path, *, name: str = "scenario",
     def main(grid: Grid, context: Context) -> None:
         try:
             outcome["summary"] = run_federation(grid, scenario, out_dir, name=name, progress=progress,
-                                                timeout_s=scenario.simulation.round_timeout_s, stop=stop)
+                                                timeout_s=scenario.simulation.round_timeout_s, stop=stop,
+                                                tensorboard=tensorboard)
         finally:
             server_done.set()
 
     with quiet_flower(), single_pass_dispatch(), stop_on_ctrl_c(stop) as ray_processes:
         try:
-            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=fleet_size(scenario),
-                           backend_name="ray", backend_config=backend_config(scenario))
+            with engine.serving():
+                run_simulation(server_app=server_app, client_app=client_app, num_supernodes=fleet_size(scenario),
+                               backend_name="ray", backend_config=backend_config(scenario))
         except KeyboardInterrupt:
             _after_ctrl_c(stop, server_done, ray_processes)
             raise SimulationInterrupted(outcome.get("summary")) from None
@@ -201,18 +245,22 @@ def _after_ctrl_c(stop: threading.Event, server_done: threading.Event, ray_proce
 
 
 def shut_ray_down() -> None:
-    """Stop this process's Ray instance if Flower has not (Ctrl-C while Ray was still starting skips Flower's)."""
+    """Stop this process's Ray instance if it still runs (a shared engine's too: the whole command is ending)."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
 
 
-def _prewarm_dataset(scenario: Scenario) -> None:
-    """Generate the scenario's dataset into this process's memo; errors surface later, where it is used."""
-    from fed_deq.workload import scenario_data
-
+def _prepare_driver(scenario: Scenario) -> None:
+    """Import what the run needs and load the scenario's dataset into this process's memo; errors surface
+    later, where the modules and the data are used."""
     try:
+        import flwr.serverapp  # noqa: F401 - imported for its import time
+        import flwr.simulation  # noqa: F401
+        import server.federation  # noqa: F401
+        from fed_deq.workload import scenario_data
+
         scenario_data(scenario)
     except Exception:  # noqa: BLE001 - the recorder loads it again and reports the error properly
         pass

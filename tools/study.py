@@ -3,7 +3,8 @@
 The study lives in ``DIR/optuna.db`` (sqlite) under a fixed name, so running the same command again resumes
 it. Running trials record a heartbeat; Optuna fails a trial whose heartbeat stopped (its tune was killed) and
 its retry callback queues the same parameters again. Outputs beside it: trials.csv (Optuna's trials
-dataframe), best.yaml (a runnable scenario), tuning.png and importances.png (Optuna's matplotlib plots).
+dataframe; every figure in it measured on the server's validation split), best.yaml (a runnable scenario),
+tuning.png and importances.png (Optuna's matplotlib plots). The test-set report is tools/holdout.py's.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from fed_deq import results
 from fed_deq.seeding import rng
 from fed_deq.errors import InputError
 from fed_deq.scenario import Scenario, dump_scenario
-from tools import runs
+from tools import multiseed, runs
 
 OBJECTIVES = ("final_accuracy", "best_accuracy", "time_to_target")
 STUDY_NAME = "fed-deq-tune"
@@ -30,9 +31,14 @@ HEARTBEAT_S = 10
 GRACE_S = 60
 #: A trial that keeps stopping the tune is queued again at most this many times.
 MAX_RETRIES = 3
-#: trials.csv columns after the parameters (run figures are trial user attributes).
-FIGURES = ("final_accuracy", "best_accuracy", "time_to_target_s", "sim_time_s")
+#: What trials are scored on: the server's validation split, never the test set.
+SCORED_ON = "server_val_accuracy"
+#: trials.csv columns after the parameters (trial user attributes): means over the tuning seeds, measured on
+#: the server's validation split; ``val_reached`` counts the seeds that reached the target.
+FIGURES = ("val_final_accuracy", "val_best_accuracy", "val_sim_time_to_target_s", "val_reached", "sim_time_s")
 TRIAL_COLUMNS = (*FIGURES, "wall_time_s", "error", "retry_of")
+#: Optuna parameter names ``tier_weights.<tier>`` stand for the entries of ``fusion.tier_weights``.
+TIER_WEIGHT_PARAM = "tier_weights."
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,10 @@ class TuneSettings:
     target: float = runs.DEFAULT_TARGET
     search_rule: bool = False
     jobs: int = 1
+    seeds: int = 1
+    test_seeds: int | None = None
+    """fresh seeds the best trial is re-run on for the test-set report (None: as many as ``seeds``)"""
+    search_tier_weights: bool = False
 
     def check(self) -> None:
         """Raise InputError on impossible settings (before anything is written)."""
@@ -51,6 +61,9 @@ class TuneSettings:
             raise InputError(f"--trials: must be an integer >= 1, got {self.trials}")
         if self.jobs < 1:
             raise InputError(f"--jobs: must be an integer >= 1, got {self.jobs}")
+        multiseed.check_seeds(self.seeds)
+        if self.test_seeds is not None:
+            multiseed.check_seeds(self.test_seeds, "--test-seeds", minimum=0)
         if self.objective not in OBJECTIVES:
             raise InputError(f"--objective: unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         runs.check_target(self.target)
@@ -59,6 +72,31 @@ class TuneSettings:
     def direction(self) -> str:
         """Optuna direction: time is minimised, accuracy maximised."""
         return "minimize" if self.objective == "time_to_target" else "maximize"
+
+    def seed_lists(self, seed: int) -> tuple[list[int], list[int]]:
+        """(tuning seeds, fresh test seeds): one derived list cut in two, so the two never share a seed."""
+        fresh = self.seeds if self.test_seeds is None else self.test_seeds
+        seeds = multiseed.study_seeds(seed, self.seeds + fresh)
+        return seeds[:self.seeds], seeds[self.seeds:]
+
+
+def check_tune_scenario(scenario: Scenario, settings: TuneSettings) -> None:
+    """What a tune needs of the scenario: a server validation split to score on; tiers to weigh, if asked."""
+    if scenario.dataset.server_validation_samples < 1:
+        raise InputError("dataset.server_validation_samples: must be >= 1 for fed-deq tune (trials are scored on "
+                         "the server's validation split, never on the test set)")
+    if settings.search_tier_weights and len(scenario.fleet.tiers) < 2:
+        raise InputError("--search-tier-weights: the fleet has one tier; tier weights only matter relative to "
+                         "each other")
+
+
+def fusion_values(params: dict[str, Any]) -> dict[str, Any]:
+    """A trial's Optuna parameters as fusion keys: ``tier_weights.<tier>`` parameters become one mapping."""
+    values = {k: v for k, v in params.items() if not k.startswith(TIER_WEIGHT_PARAM)}
+    weights = {k.removeprefix(TIER_WEIGHT_PARAM): v for k, v in params.items() if k.startswith(TIER_WEIGHT_PARAM)}
+    if weights:
+        values["tier_weights"] = weights
+    return values
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -73,7 +111,8 @@ def scenario_digest(scenario: Scenario) -> str:
 def study_attrs(scenario: Scenario, settings: TuneSettings) -> dict[str, Any]:
     """What must match for a study in DIR to be resumed."""
     attrs = {"scenario": scenario_digest(scenario), "objective": settings.objective,
-             "search_rule": settings.search_rule}
+             "search_rule": settings.search_rule, "seeds": settings.seeds,
+             "search_tier_weights": settings.search_tier_weights, "scored_on": SCORED_ON}
     if settings.objective == "time_to_target":
         attrs["target"] = settings.target
     return attrs
@@ -214,10 +253,12 @@ def write_trials_csv(study, path: Path) -> Path:
 def write_best_yaml(study, scenario: Scenario, settings: TuneSettings, path: Path) -> Path:
     """DIR/best.yaml: the scenario with the best trial's fusion values, runnable with `fed-deq simulate`."""
     best = best_trial(study)
-    best_scenario = runs.with_values(scenario, "fusion", dict(best.params), source=str(path))
+    best_scenario = runs.with_values(scenario, "fusion", fusion_values(best.params), source=str(path))
     header = (f"# fed-deq tune: best of {complete_count(study)} trials (trial {best.number}), "
               f"{settings.objective} = {best.value:.6g}"
-              + (f" (target {settings.target:g})" if settings.objective == "time_to_target" else "") + "\n")
+              + (f" (target {settings.target:g})" if settings.objective == "time_to_target" else "")
+              + f" on the server's validation split, mean of {settings.seeds} seed(s).\n"
+              "# Not a test-set figure: the best trial's test-set results on fresh seeds are in best_test.csv.\n")
     return results.write_atomic(path, header + dump_scenario(best_scenario))
 
 
@@ -242,7 +283,8 @@ def importances(study, seed: int) -> dict[str, float]:
 
 def objective_label(settings: TuneSettings) -> str:
     """The objective's name for plot axes."""
-    return settings.objective + (" (simulated s)" if settings.objective == "time_to_target" else "")
+    unit = " (simulated s)" if settings.objective == "time_to_target" else ""
+    return f"{settings.objective}{unit}, server validation split"
 
 
 def plot_history(study, settings: TuneSettings, path: Path) -> Path:

@@ -1,6 +1,9 @@
 """`fed-deq tune`: search the fusion rule's parameters with Optuna, resumably. See docs/tuning.md.
 
-Each trial is one whole simulation of the scenario with the trial's fusion values applied. The study lives in
+Each trial simulates the scenario with the trial's fusion values once per tuning seed and is scored on the
+server's validation split (``server_val_accuracy``), averaged over the seeds: the test set is never read while
+tuning. The best trial is then re-run on fresh seeds and reported on the test set, apart (tools/holdout.py).
+The study lives in
 ``DIR/optuna.db`` (sqlite) under a fixed name, so running the same command again resumes it: only the trials
 still missing to reach ``--trials`` run. Optuna's heartbeat marks a trial a killed tune left RUNNING as failed
 and its retry callback queues the same parameters again; a Ctrl-C'd trial is queued again the same way.
@@ -22,12 +25,14 @@ from typing import Any
 from fed_deq import results
 from fed_deq.errors import InputError, RunFailed
 from fed_deq.scenario import Scenario
-from tools import runs
-from tools.study import (OBJECTIVES, TuneSettings, best_status, check_existing_study, complete_count, open_study,
-                         requeue_orphans, reseed, retry_trial, tune_summary, write_outputs)
+from tools import holdout, multiseed, runs
+from tools.study import (OBJECTIVES, SCORED_ON, TIER_WEIGHT_PARAM, TuneSettings, best_status, check_existing_study,
+                         check_tune_scenario, complete_count, open_study, requeue_orphans, reseed, retry_trial,
+                         tune_summary, write_outputs)
 
 TRIALS_DIR = "trials"
-OUTPUTS = ("trials.csv", "best.yaml", "tuning.png", "importances.png", "optuna.db", TRIALS_DIR)
+OUTPUTS = ("trials.csv", "best.yaml", "tuning.png", "importances.png", holdout.ROWS_FILE, holdout.SUMMARY_FILE,
+           "optuna.db", TRIALS_DIR, holdout.RUNS_DIR)
 #: Search ranges: (low, high, log scale). Inside the schema's bounds (docs/design.md, fusion section).
 FLOAT_RANGES = {
     "size_exponent": (0.0, 2.0, False),
@@ -36,6 +41,7 @@ FLOAT_RANGES = {
     "floor": (0.0, 0.5, False),
     "proximal_mu": (1e-4, 1.0, True),
     "trim_beta": (0.05, 0.45, False),
+    "tier_weight": (0.0, 2.0, False),
 }
 #: Quality scores shaped by ``beta`` (exp(-beta * residual) or exp(-beta * probe loss)).
 RESIDUAL_SCORES = ("residual", "product", "probe")
@@ -45,8 +51,12 @@ RESIDUAL_SCORES = ("residual", "product", "probe")
 # Search space and scoring
 
 
-def suggest_fusion(trial, search_rule: bool) -> dict[str, Any]:
-    """The fusion values of one trial; quality parameters only where the rule reads them."""
+def suggest_fusion(trial, search_rule: bool, tiers: Sequence[str] = ()) -> dict[str, Any]:
+    """The fusion values of one trial; quality parameters only where the rule reads them.
+
+    With ``tiers`` (``--search-tier-weights``) the quality rule also gets a weight per tier, parameter
+    ``tier_weights.<tier>``.
+    """
     rule = trial.suggest_categorical("rule", list(runs.fusion_rules())) if search_rule else "quality"
     values: dict[str, Any] = {"rule": rule} if search_rule else {}
     if rule == "quality":
@@ -56,6 +66,10 @@ def suggest_fusion(trial, search_rule: bool) -> dict[str, Any]:
             values[key] = _suggest_float(trial, key)
         if score in RESIDUAL_SCORES:  # beta only shapes the residual and probe scores
             values["beta"] = _suggest_float(trial, "beta")
+        if tiers:
+            low, high, _ = FLOAT_RANGES["tier_weight"]
+            values["tier_weights"] = {tier: trial.suggest_float(f"{TIER_WEIGHT_PARAM}{tier}", low, high)
+                                      for tier in tiers}
     elif rule == "fedprox":
         values["proximal_mu"] = _suggest_float(trial, "proximal_mu")
     elif rule == "fedtrimmedavg":
@@ -85,21 +99,34 @@ def unreached_time(scenario: Scenario, target: float, best_accuracy: float | Non
 
 
 def score_run(scenario: Scenario, metrics: Sequence[dict], objective: str, target: float) -> tuple[float, dict]:
-    """The objective value of a finished run and the figures kept beside it (trial user attributes)."""
-    figures = runs.run_figures(metrics, scenario.fusion.rule, target)
+    """The objective value of one finished run, measured on the server's validation split (the rows'
+    ``server_val_accuracy``; their test ``accuracy`` is never read), and the validation figures behind it."""
+    figures = runs.run_figures(runs.accuracy_view(metrics, SCORED_ON), target)
     if objective == "time_to_target":
-        reached = figures["time_to_target_s"]
+        reached = figures["sim_time_to_target_s"]
         value = reached if reached is not None else unreached_time(scenario, target, figures["best_accuracy"])
     else:
         value = figures[objective]
     if value is None or not math.isfinite(float(value)):
-        raise RunFailed(f"run has no {objective} (no round evaluated)")
+        raise RunFailed(f"run has no {objective} on the server's validation split (no round evaluated on it)")
     return float(value), figures
 
 
-def trial_dir(out_dir: Path, number: int) -> Path:
-    """Where trial ``number``'s simulation writes its files."""
-    return out_dir / TRIALS_DIR / f"{number:04d}"
+def trial_figures(seed_figures: Sequence[dict]) -> dict[str, Any]:
+    """A trial's user attributes: its validation figures averaged over its seeds (time to target over the
+    seeds that reached it, ``val_reached`` of them)."""
+    def mean(key: str) -> float | None:
+        return multiseed.mean_interval(f[key] for f in seed_figures).mean
+
+    return {"val_final_accuracy": mean("final_accuracy"), "val_best_accuracy": mean("best_accuracy"),
+            "val_sim_time_to_target_s": mean("sim_time_to_target_s"),
+            "val_reached": sum(f["sim_time_to_target_s"] is not None for f in seed_figures),
+            "sim_time_s": mean("sim_time_s")}
+
+
+def trial_dir(out_dir: Path, number: int, seed: int) -> Path:
+    """Where trial ``number``'s simulation on ``seed`` writes its files."""
+    return out_dir / TRIALS_DIR / f"{number:04d}" / f"seed-{seed}"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -108,7 +135,8 @@ def trial_dir(out_dir: Path, number: int) -> Path:
 
 @dataclass
 class Objective:
-    """Optuna's objective: simulate one trial's scenario and score it; remembers the trials a Ctrl-C stopped."""
+    """Optuna's objective: simulate one trial's scenario on every tuning seed and score it on the server's
+    validation split; remembers the trials a Ctrl-C stopped."""
 
     scenario: Scenario
     settings: TuneSettings
@@ -118,22 +146,31 @@ class Objective:
     interrupted: list[int] = field(default_factory=list)
 
     def __call__(self, trial) -> float:
-        """The trial's objective value; a failed run raises (Optuna records the trial as FAIL)."""
-        scenario = self.trial_scenario(suggest_fusion(trial, self.settings.search_rule), trial.number)
-        out = trial_dir(self.out_dir, trial.number)
+        """The trial's objective, the mean over its seeds; a failed run raises (Optuna records a FAIL)."""
+        tiers = [t.name for t in self.scenario.fleet.tiers] if self.settings.search_tier_weights else ()
+        scenario = self.trial_scenario(suggest_fusion(trial, self.settings.search_rule, tiers), trial.number)
+        values, figures = [], []
         try:
-            self.run(scenario, out, self.name)
-            value, figures = score_run(scenario, results.read_metrics(out), self.settings.objective,
-                                       self.settings.target)
+            for seed in self.settings.seed_lists(self.scenario.seed)[0]:
+                value, seed_figures = self.run_seed(scenario, trial.number, seed)
+                values.append(value)
+                figures.append(seed_figures)
         except KeyboardInterrupt:
             self.interrupted.append(trial.number)
             raise
         except Exception as exc:
             trial.set_user_attr("error", runs.one_line(exc))
             raise
-        for key, figure in figures.items():
+        for key, figure in trial_figures(figures).items():
             trial.set_user_attr(key, figure)
-        return value
+        return math.fsum(values) / len(values)
+
+    def run_seed(self, scenario: Scenario, number: int, seed: int) -> tuple[float, dict]:
+        """One simulation of the trial on one seed, scored."""
+        out = trial_dir(self.out_dir, number, seed)
+        seeded = runs.with_seed(scenario, seed, f"trial {number} seed {seed}")
+        self.run(seeded, out, self.name)
+        return score_run(seeded, results.read_metrics(out), self.settings.objective, self.settings.target)
 
     def trial_scenario(self, values: dict[str, Any], number: int) -> Scenario:
         """The scenario with the trial's fusion values; with parallel trials, each its share of the cores."""
@@ -182,11 +219,14 @@ def tune(scenario: Scenario, out_dir: str | Path, settings: TuneSettings, *, nam
     from rich.console import Console
 
     settings.check()
+    check_tune_scenario(scenario, settings)
     out_dir = Path(out_dir)
     check_existing_study(out_dir, scenario, settings)
     console = console or Console(stderr=True)
-    objective = Objective(scenario, settings, out_dir, name, run or runs.default_runner(settings.jobs))
-    with quiet_optuna(), exclusive_dir(out_dir):
+    # One engine for every simulation of the tune, the test-set re-runs included.
+    engine = contextlib.nullcontext(run) if run is not None else runs.study_engine(scenario, settings.jobs)
+    with quiet_optuna(), exclusive_dir(out_dir), engine as run_one:
+        objective = Objective(scenario, settings, out_dir, name, run_one)
         study = open_study(out_dir, scenario, settings)
         retried = requeue_orphans(out_dir)
         if retried:
@@ -200,7 +240,8 @@ def tune(scenario: Scenario, out_dir: str | Path, settings: TuneSettings, *, nam
             raise
         finally:
             scores = write_outputs(study, scenario, settings, out_dir)
-    return tune_summary(study, settings, missing, scores)
+        test = holdout.report_best_on_test(study, scenario, settings, out_dir, run_one, name=name, console=console)
+    return {**tune_summary(study, settings, missing, scores), "test": test}
 
 
 def requeue_interrupted(study, numbers: Sequence[int]) -> None:
@@ -252,8 +293,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "tune", help="search the fusion rule's parameters for the best accuracy or time to target (resumable)",
         description="Search the fusion rule's parameters (and with --search-rule the rule itself) for the best "
-                    "final or best accuracy, or the shortest simulated time to a target accuracy. Each trial is one "
-                    "full simulation. Running again with the same --out resumes the search.")
+                    "final or best accuracy, or the shortest simulated time to a target accuracy, measured on the "
+                    "server's validation split and averaged over --seeds seeds (the test set is never read while "
+                    "tuning). The best trial is then re-run on --test-seeds fresh seeds and reported on the test "
+                    "set in best_test.csv. Running again with the same --out resumes the search.")
     add_scenario_args(p, optional=False)
     p.add_argument("--trials", type=int, required=True, help="total completed trials wanted (resume counts them)")
     p.add_argument("--objective", choices=OBJECTIVES, default="final_accuracy",
@@ -261,10 +304,17 @@ def register(subparsers) -> None:
     p.add_argument("--target", type=float, default=runs.DEFAULT_TARGET,
                    help="accuracy for time_to_target (default 0.8)")
     p.add_argument("--search-rule", action="store_true", help="also search the fusion rule itself")
+    p.add_argument("--search-tier-weights", action="store_true",
+                   help="also search fusion.tier_weights, one multiplier in [0, 2] per tier (quality rule)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="seeds each trial runs on, its score their mean (default 1: the scenario's own seed)")
+    p.add_argument("--test-seeds", type=int, default=None,
+                   help="fresh seeds the best trial is re-run on for the test-set report (default: --seeds; "
+                        "0 skips it)")
     p.add_argument("--jobs", type=int, default=1,
                    help="trials at once (default 1: one simulation already uses every core)")
     p.add_argument("--out", required=True,
-                   help="study folder: optuna.db, trials/, trials.csv, best.yaml, tuning.png, importances.png")
+                   help="study folder: optuna.db, trials/, trials.csv, best.yaml, best_test.csv, tuning.png, ...")
     p.set_defaults(func=cmd_tune)
 
 
@@ -276,16 +326,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     out_dir = checked_out_dir(args.out)
     settings = TuneSettings(trials=args.trials, objective=args.objective, target=args.target,
-                            search_rule=args.search_rule, jobs=args.jobs)
+                            search_rule=args.search_rule, jobs=args.jobs, seeds=args.seeds,
+                            test_seeds=args.test_seeds, search_tier_weights=args.search_tier_weights)
     settings.check()
     scenario = load_from_args(args)
+    check_tune_scenario(scenario, settings)
     console = Console(stderr=True)
-    console.print(f"[bold]fed-deq tune[/] {args.scenario}: {settings.trials} trials, {settings.objective} → {out_dir}")
+    console.print(f"[bold]fed-deq tune[/] {args.scenario}: {settings.trials} trials × {settings.seeds} seed(s), "
+                  f"{settings.objective} on the server's validation split → {out_dir}")
     summary = tune(scenario, out_dir, settings, name=scenario_name(args), console=console)
     if summary["best_number"] is None:
         raise RunFailed(f"no trial completed ({summary['failed']} failed); see {out_dir}/trials.csv")
-    console.print(f"best trial #{summary['best_number']}: {settings.objective} = {summary['best_value']:.4g}  "
-                  f"{summary['best_params']}")
+    console.print(f"best trial #{summary['best_number']}: {settings.objective} = {summary['best_value']:.4g} "
+                  f"(server validation split, mean of {settings.seeds} seed(s))  {summary['best_params']}")
+    if summary["test"] is not None:
+        console.print(holdout.report_line(summary["test"]))
     if summary["importances"]:
         ranked = ", ".join(f"{k} {v:.2f}" for k, v in summary["importances"].items())
         console.print(f"parameter importance: {ranked}")

@@ -65,7 +65,7 @@ def attach_gradient(f: Callable[[Tensor], Tensor], z_eval: Tensor, *, mode: str,
 
 def _one_step(f, z_star: Tensor, *, stats: dict, **_) -> Tensor:
     z = f(z_star)
-    _record_on_backward(z, stats, _cost(z_star.shape[0], z_star.device, iterations=1, grad_evals=1, vjp_calls=0))
+    record_on_backward(z, stats, path_cost(z_star.shape[0], z_star.device, iterations=1, grad_evals=1, vjp_calls=0))
     return z
 
 
@@ -73,8 +73,8 @@ def _phantom(f, z_star: Tensor, *, backward_max_iter: int, damping: float, stats
     z = z_star
     for _ in range(backward_max_iter):
         z = torch.lerp(z, f(z), damping) if damping != 1.0 else f(z)
-    _record_on_backward(z, stats, _cost(z_star.shape[0], z_star.device, iterations=backward_max_iter,
-                                        grad_evals=backward_max_iter, vjp_calls=backward_max_iter - 1))
+    record_on_backward(z, stats, path_cost(z_star.shape[0], z_star.device, iterations=backward_max_iter,
+                                           grad_evals=backward_max_iter, vjp_calls=backward_max_iter - 1))
     return z
 
 
@@ -94,7 +94,7 @@ def _implicit(f, z_star: Tensor, *, backward_max_iter: int, solver: str, tol: fl
             return None
         if adjoint_budget == 0 or not bool(torch.isfinite(grad).all()):
             # The one-step gradient: no adjoint solve, but the final backward still fills z_in's gradient.
-            stats.update(_cost(grad.shape[0], grad.device, iterations=1, grad_evals=1, vjp_calls=1))
+            stats.update(path_cost(grad.shape[0], grad.device, iterations=1, grad_evals=1, vjp_calls=1))
             return grad
 
         def adjoint_map(y: Tensor) -> Tensor:
@@ -107,7 +107,7 @@ def _implicit(f, z_star: Tensor, *, backward_max_iter: int, solver: str, tol: fl
                                      **solver_options)
         finally:
             solving[0] = False
-        stats.update(_cost(grad.shape[0], grad.device, iterations=1, grad_evals=1,
+        stats.update(path_cost(grad.shape[0], grad.device, iterations=1, grad_evals=1,
                            vjp_calls=int(adjoint_stats["f_calls"]) + 1,
                            adjoint_f_calls=int(adjoint_stats["f_calls"])))
         stats["iterations"] = adjoint_stats["iterations"] + 1
@@ -119,15 +119,16 @@ def _implicit(f, z_star: Tensor, *, backward_max_iter: int, solver: str, tol: fl
     return z_out
 
 
-def _record_on_backward(z: Tensor, stats: dict, values: dict[str, Tensor]) -> None:
+def record_on_backward(z: Tensor, stats: dict, values: dict[str, Tensor]) -> None:
+    """Copy ``values`` into ``stats`` when the backward pass reaches ``z`` (nothing if it never does)."""
     if z.requires_grad:
         def record(grad: Tensor) -> None:
             stats.update(values)
         z.register_hook(record)
 
 
-def _cost(batch: int, device, *, iterations: int, grad_evals: int, vjp_calls: int,
-          adjoint_f_calls: int = 0) -> dict[str, Tensor]:
+def path_cost(batch: int, device, *, iterations: int, grad_evals: int, vjp_calls: int,
+              adjoint_f_calls: int = 0) -> dict[str, Tensor]:
     """The backward stats of a gradient path: per-sample ``iterations``/``grad_evals``, batch-level counts."""
     return {
         "iterations": torch.full((batch,), iterations, dtype=torch.int64, device=device),

@@ -108,32 +108,40 @@ class DEQCell(nn.Module):
             return torch.linalg.matrix_norm(weight, ord=2)
         return conv_operator_norm(weight, self.spatial)
 
-    def bind(self, u: Tensor) -> Callable[[Tensor], Tensor]:
-        """Return ``f(z) = f(z, u)``; the effective weights are computed here once, with autograd."""
-        return self._control.bind(self, u)
+    def bind(self, u: Tensor, masks: Mapping[str, Tensor] | None = None) -> Callable[[Tensor], Tensor]:
+        """Return ``f(z) = f(z, u)``; the effective weights are computed here once, with autograd.
+
+        ``masks`` (name of each stored weight -> a 0/1 tensor of its shape) multiply the weights before the
+        contraction control sees them: a sparse layer of a weight-tied unroll (fed_deq/deq/unrolled.py).
+        """
+        weights = {name: getattr(self, name) for name in self._control.parameters}
+        if masks is not None:
+            weights = {name: weight * masks[name] for name, weight in weights.items()}
+        return self._control.bind(self, u, weights)
 
     def relu_affine(self, weight: Tensor, u: Tensor) -> Callable[[Tensor], Tensor]:
         """``f(z) = relu(W z + u)`` with ``W`` this cell's operator built from ``weight``."""
         linear = self._linear(weight)
         return lambda z: F.relu(linear(z) + u)
 
-    def bind_monotone(self, u: Tensor) -> Callable[[Tensor], Tensor]:
-        """The monDEQ forward-backward splitting step (see the module docstring)."""
+    def bind_monotone(self, u: Tensor, weights: Mapping[str, Tensor]) -> Callable[[Tensor], Tensor]:
+        """The monDEQ forward-backward splitting step (see the module docstring) with ``weights`` A and B."""
         m = self.monotone_margin
+        a, b = weights["A"], weights["B"]
         if self.dense:
-            eye = torch.eye(self.width, dtype=self.A.dtype, device=self.A.device)
-            i_minus_w = m * eye + self.A.T @ self.A - self.B + self.B.T
+            eye = torch.eye(self.width, dtype=a.dtype, device=a.device)
+            i_minus_w = m * eye + a.T @ a - b + b.T
             # The step size only sets the speed of the splitting, not its fixed points: keep it out of autograd.
             alpha = m / float(torch.linalg.matrix_norm(i_minus_w.detach(), ord=2)) ** 2
             step = eye - alpha * i_minus_w
             return lambda z: F.relu(z @ step.T + alpha * u)
-        skew = self.B - _adjoint_kernel(self.B)
+        skew = b - _adjoint_kernel(b)
         with torch.no_grad():
-            bound = m + float(self.operator_norm(self.A)) ** 2 + float(self.operator_norm(skew))
+            bound = m + float(self.operator_norm(a)) ** 2 + float(self.operator_norm(skew))
         alpha = m / bound ** 2
         # f(z) = relu((1 - alpha m) z + alpha (B - B^T) z - alpha A^T A z + alpha u), folded into two kernels.
-        direct = alpha * skew + (1.0 - alpha * m) * _identity_kernel(self.B)
-        a_scaled = math.sqrt(alpha) * self.A
+        direct = alpha * skew + (1.0 - alpha * m) * _identity_kernel(b)
+        a_scaled = math.sqrt(alpha) * a
         conv, conv_t = self._conv_pair()
         return lambda z: F.relu(conv(z, direct) - conv_t(conv(z, a_scaled), a_scaled) + alpha * u)
 
@@ -276,18 +284,18 @@ class Contraction:
 
     parameters: tuple[str, ...]                         # nn.Parameters of the cell, in registration order
     init_norm: float                                    # operator norm of each at initialisation
-    bind: Callable[[DEQCell, Tensor], Callable[[Tensor], Tensor]]
+    bind: Callable[[DEQCell, Tensor, Mapping[str, Tensor]], Callable[[Tensor], Tensor]]   # (cell, u, weights)
     norm_flops: Callable[[DEQCell, bool], float]        # (cell, training) -> FLOPs per bind
     check: Callable[[float, float], None]               # (spectral_gain, monotone_margin) -> raise if bad
     conv_evals: int = 1                                 # convolutions per f evaluation (convolution cells)
 
 
-def _bind_plain(cell: DEQCell, u: Tensor) -> Callable[[Tensor], Tensor]:
-    return cell.relu_affine(cell.weight, u)
+def _bind_plain(cell: DEQCell, u: Tensor, weights: Mapping[str, Tensor]) -> Callable[[Tensor], Tensor]:
+    return cell.relu_affine(weights["weight"], u)
 
 
-def _bind_spectral(cell: DEQCell, u: Tensor) -> Callable[[Tensor], Tensor]:
-    weight = cell.weight
+def _bind_spectral(cell: DEQCell, u: Tensor, weights: Mapping[str, Tensor]) -> Callable[[Tensor], Tensor]:
+    weight = weights["weight"]
     scale = torch.clamp(cell.spectral_gain / cell.operator_norm(weight), max=1.0)
     return cell.relu_affine(weight * scale, u)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -142,6 +143,34 @@ def build_model(cell: str = "conv1d", input_shape: tuple[int, ...] = (40,), num_
     Defaults stay under 100k parameters for the shapes used here (digits 64, MNIST-1D 40, 28x28x1,
     32x32x3). Raises ValueError for an unknown cell or contraction, or a shape the cell cannot take.
     """
+    parts = model_parts(cell, input_shape, num_classes, width=width, contraction=contraction,
+                        spectral_gain=spectral_gain, monotone_margin=monotone_margin, kernel_size=kernel_size)
+    return initialise(DEQClassifier(*parts.arguments(parts.new_cell())), seed)
+
+
+@dataclass
+class ModelParts:
+    """Encoder, head and a cell factory on the meta device: what every model kind is assembled from."""
+
+    cell: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    encoder: nn.Module
+    head: nn.Module
+    channels_last: bool
+    encoder_flops: int
+    head_flops: int
+    new_cell: Callable[[], DEQCell]
+
+    def arguments(self, cell: DEQCell) -> tuple:
+        """The positional arguments of :class:`DEQClassifier` (and its subclasses) around ``cell``."""
+        return (self.cell, self.input_shape, self.num_classes, cell, self.encoder, self.head, self.channels_last,
+                self.encoder_flops, self.head_flops)
+
+
+def model_parts(cell: str, input_shape: tuple[int, ...], num_classes: int, *, width: int, contraction: str,
+                spectral_gain: float, monotone_margin: float, kernel_size: int) -> ModelParts:
+    """Check the arguments and build the encoder and head (meta device) and a factory of cells for them."""
     if cell not in CELLS:
         raise ValueError(f"unknown cell {cell!r}; valid cells: {list(CELLS)}")
     input_shape = _check_shape(input_shape)
@@ -150,13 +179,21 @@ def build_model(cell: str = "conv1d", input_shape: tuple[int, ...] = (40,), num_
     channels, spatial, channels_last = _layout(cell, input_shape)
     # Build on the meta device, then draw every parameter from our own generator: no global RNG is touched.
     meta = torch.device("meta")
-    deq_cell = DEQCell(cell, width, _state_spatial(cell, spatial), contraction=contraction,
-                       spectral_gain=spectral_gain, monotone_margin=monotone_margin,
-                       kernel_size=kernel_size, device=meta)
+
+    def new_cell() -> DEQCell:
+        return DEQCell(cell, width, _state_spatial(cell, spatial), contraction=contraction,
+                       spectral_gain=spectral_gain, monotone_margin=monotone_margin, kernel_size=kernel_size,
+                       device=meta)
+
+    state_spatial = new_cell().spatial  # also checks the cell's arguments before anything else is built
     encoder, encoder_flops = _encoder(cell, channels, spatial, width, meta)
-    head, head_flops = _head(cell, deq_cell.spatial, width, num_classes, meta)
-    model = DEQClassifier(cell, input_shape, num_classes, deq_cell, encoder, head, channels_last,
-                          encoder_flops, head_flops)
+    head, head_flops = _head(cell, state_spatial, width, num_classes, meta)
+    return ModelParts(cell, input_shape, num_classes, encoder, head, channels_last, encoder_flops, head_flops,
+                      new_cell)
+
+
+def initialise(model: DEQClassifier, seed: int) -> DEQClassifier:
+    """Materialise a model assembled on the meta device and draw its parameters from ``seed``."""
     model.to_empty(device="cpu")
     _initialise(model, torch.Generator().manual_seed(int(seed)))
     return model
@@ -246,7 +283,9 @@ def _initialise(model: DEQClassifier, generator: torch.Generator) -> None:
             elif isinstance(module, nn.GroupNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        model.cell.reset_parameters(generator)
+        # Cells last, in layer order: the DEQ's cell draws what it always drew, and so does an unroll's first cell.
+        for cell in [module for module in model.modules() if isinstance(module, DEQCell)]:
+            cell.reset_parameters(generator)
 
 
-__all__ = ["DEQClassifier", "DEQOutput", "build_model"]
+__all__ = ["DEQClassifier", "DEQOutput", "ModelParts", "build_model", "initialise", "model_parts"]

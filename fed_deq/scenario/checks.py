@@ -11,10 +11,12 @@ import math
 from typing import TYPE_CHECKING
 
 from fed_deq.errors import InputError
+from fed_deq.scenario.choices import registry
 from fed_deq.scenario.messages import did_you_mean, failure
 
 if TYPE_CHECKING:
-    from fed_deq.scenario.schema import AdversaryConfig, FleetConfig, Scenario, TierConfig, TrainingConfig
+    from fed_deq.scenario.schema import (AdversaryConfig, FleetConfig, ModelConfig, Scenario, TierConfig,
+                                         TrainingConfig)
 
 # Sizes of the built-in datasets, for the "enough samples for every client" check; hub datasets are unknown.
 _DIGITS_SAMPLES = 1797
@@ -121,6 +123,13 @@ def check_fleet(fleet: FleetConfig) -> None:
         raise failure("tiers", f"shares must sum to 1, got {share_sum:g}")
 
 
+def check_model(model: ModelConfig) -> None:
+    """Sparse masks only on a kind that takes them (weight_tied, per the model-kind registry)."""
+    if model.sparse_masks and not registry("model_kind")[model.kind].takes_masks:
+        raise failure("sparse_masks", f"needs model.kind weight_tied (one cell, a mask per layer), "
+                                      f"got model.kind {model.kind}")
+
+
 # --------------------------------------------------------------------------------------------------------
 # Rules across sections.
 
@@ -162,7 +171,8 @@ def _check_dataset_size(scenario: Scenario) -> None:
     if total is None:
         return  # hub datasets: size unknown until download
     clients = int(scenario.fleet.num_clients)  # type: ignore[arg-type]
-    train = int(total * (1 - dataset.test_fraction)) - scenario.fusion.probe_samples
+    train = int(total * (1 - dataset.test_fraction)) - scenario.fusion.probe_samples \
+        - dataset.server_validation_samples
     per_client = max(1, dataset.partition.min_partition_size if dataset.partition.kind == "dirichlet" else 1)
     needed = clients * per_client
     if train < needed:
@@ -180,6 +190,11 @@ def _check_fusion(scenario: Scenario) -> None:
     fusion = scenario.fusion
     if fusion.rule == "quality" and fusion.score == "probe" and fusion.probe_samples < 1:
         raise failure("fusion.probe_samples", f"must be >= 1 with fusion.score probe, got {fusion.probe_samples}")
+    valid = tier_names(scenario)
+    for name in fusion.tier_weights:
+        if name not in valid:
+            raise failure(f"fusion.tier_weights.{name}", f"unknown tier {name!r}{did_you_mean(name, valid)}; "
+                                                         f"valid tiers: {', '.join(valid)}")
     sampled = scenario.training.clients_per_round
     # Krum scores each update by its n - f - 2 nearest neighbours, so it needs n >= 2f + 3.
     if fusion.rule == "krum" and sampled < 2 * fusion.krum_malicious + 3:

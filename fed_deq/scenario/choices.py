@@ -21,7 +21,8 @@ from fed_deq.scenario.messages import did_you_mean, failure
 
 #: Choice → (module, registry) that implements it.
 REGISTRIES: Mapping[str, tuple[str, str]] = MappingProxyType({
-    "partition": ("fed_deq.data", "PARTITION_KINDS"),
+    "partition": ("fed_deq.partitions", "PARTITION_KINDS"),
+    "model_kind": ("fed_deq.deq.kinds", "MODEL_KINDS"),
     "cell": ("fed_deq.deq.cells", "CELLS"),
     "contraction": ("fed_deq.deq.cells", "CONTRACTIONS"),
     "solver": ("fed_deq.deq.solvers", "SOLVERS"),
@@ -30,6 +31,8 @@ REGISTRIES: Mapping[str, tuple[str, str]] = MappingProxyType({
     "rule": ("fed_deq.rules", "FUSION_RULES"),
     "score": ("fed_deq.fusion", "QUALITY_SCORES"),
     "attack": ("fed_deq.adversary", "ATTACKS"),
+    "profile": ("fed_deq.profiles", "PROFILES"),
+    "upload": ("fed_deq.quantize", "ENCODINGS"),
 })
 
 def registry(choice: str) -> Mapping[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import re
+import typing
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -196,6 +197,9 @@ def _apply_override(data: dict[str, Any], item: str, source: str) -> None:
             if last:
                 node[part] = value
                 return
+            if typing.get_origin(fields[part].annotation) is dict:
+                _set_in_mapping(node, part, parts[index + 1:], value, where, done)
+                return
             child = model_of(fields[part].annotation)
             if child is None:
                 raise InputError(f"{where}: {done} has no sub-keys")
@@ -205,6 +209,18 @@ def _apply_override(data: dict[str, Any], item: str, source: str) -> None:
         expected = list if in_list else dict
         if not isinstance(node, expected):
             raise InputError(f"{source}: {done}: must be a {'list' if in_list else 'mapping'}, got {type_name(node)}")
+
+
+def _set_in_mapping(node: dict[str, Any], part: str, rest: list[str], value: Any, where: str, done: str) -> None:
+    """``--set fusion.tier_weights.phone=2``: one entry of a mapping-valued key (its values take no sub-keys)."""
+    if len(rest) != 1:
+        raise InputError(f"{where}: {done} takes one level of names, e.g. {done}.NAME=VALUE")
+    mapping = node.get(part)
+    if mapping is None:
+        mapping = {}
+    if not isinstance(mapping, dict):
+        raise InputError(f"{where}: {done}: must be a mapping, got {type_name(mapping)}")
+    node[part] = {**mapping, rest[0]: value}
 
 
 def _default_raw(model: type[BaseModel], name: str, node: dict[str, Any]) -> Any:

@@ -12,6 +12,7 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
 
+from fed_deq.profiles import profile_figures
 from fed_deq.scenario import checks
 from fed_deq.scenario.choices import Choice
 from fed_deq.scenario.messages import failure, type_name
@@ -44,13 +45,18 @@ class Section(BaseModel):
 
 class _OneOf(Section):
     """A section where one key of ``_pair`` is used and the other is derived or unused: a dump leaves out the
-    second when the first is given, so a dumped file reads like a hand-written one and parses back the same."""
+    second when the first is given, so a dumped file reads like a hand-written one and parses back the same.
+    Keys in ``_unset_if_none`` are left out of a dump while they are None (their default)."""
 
     _pair: ClassVar[tuple[str, str]] = ("count", "share")
+    _unset_if_none: ClassVar[tuple[str, ...]] = ()
 
     @model_serializer(mode="wrap")
     def _leave_out_the_other(self, handler: Any) -> dict[str, Any]:
         data = handler(self)
+        for key in self._unset_if_none:
+            if data.get(key, 0) is None:
+                del data[key]
         first, second = self._pair
         if data.get(first) is not None and second in data:
             del data[second]
@@ -88,14 +94,20 @@ class DatasetConfig(Section):
     # A test set is needed for the server-side evaluation, so 0 is impossible here.
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
     validation_fraction: Fraction = 0.1
+    server_validation_samples: Count = 500
+    """training samples the server holds back from every partition, the test set and the probe set; tuning
+    scores trials on them (``server_val_accuracy``), never on the test set"""
     image_key: str | None = None
     label_key: str | None = None
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
 
 
 class ModelConfig(Section):
-    """The DEQ classifier and its solver settings."""
+    """The classifier (the DEQ, or a fixed-depth baseline) and its solver settings."""
 
+    kind: Annotated[str, Choice("model_kind")] = "deq"
+    """deq (a fixed point within each device's budget) | weight_tied (the cell unrolled model.depth times) |
+    explicit (model.depth untied cells); the fixed-depth kinds ignore solver, backward and budgets"""
     cell: Annotated[str, Choice("cell")] = "conv1d"
     width: AtLeastOne = 32
     contraction: Annotated[str, Choice("contraction")] = "spectral"
@@ -105,12 +117,32 @@ class ModelConfig(Section):
     backward: Annotated[str, Choice("backward")] = "one-step"
     backward_iterations: AtLeastOne = 4
     eval_iterations: AtLeastOne = 30
+    depth: AtLeastOne = 8
+    """weight_tied, explicit: layers unrolled; every device runs all of them (a slow one straggles)"""
+    sparse_masks: bool = False
+    """weight_tied: each layer applies the weights through its own fixed random sparse mask (Song et al.)"""
+    mask_density: Annotated[float, Field(gt=0, le=1)] = 0.5
+    """sparse_masks: share of each weight's entries a layer keeps"""
+
+    @model_validator(mode="after")
+    def _masks_fit_the_kind(self) -> ModelConfig:
+        checks.check_model(self)
+        return self
 
 
 class TierConfig(_OneOf):
-    """A class of devices: how many (``count``, or ``share`` of fleet.num_clients), how fast, how reliable."""
+    """A class of devices: how many (``count``, or ``share`` of fleet.num_clients), how fast, how reliable.
+
+    ``profile`` names a device in fed_deq.profiles.PROFILES (docs/devices.md); its figures fill the keys the
+    tier leaves out, and a key given here wins. A parsed tier holds the resolved figures, so a dump reads the
+    same whatever the table says later.
+    """
+
+    _unset_if_none: ClassVar[tuple[str, ...]] = ("profile",)
 
     name: Name
+    profile: Annotated[str, Choice("profile")] | None = None
+    """a named device whose measured figures fill the keys this tier does not give (docs/devices.md)"""
     count: Annotated[int | None, Field(ge=0)] = None
     share: Annotated[float | None, Field(ge=0, le=1)] = None
     compute_gflops: Positive = 1.0
@@ -120,6 +152,14 @@ class TierConfig(_OneOf):
     straggler_prob: Probability = 0.0
     # A slowdown below 1 would be a speed-up, which the straggler model does not mean.
     straggler_slowdown: Annotated[float, Field(ge=1)] = 1.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile_fills_the_rest(cls, data: Any) -> Any:
+        # Keys given in the tier win over the profile's; an unknown name fills nothing and its Choice reports it.
+        if isinstance(data, dict) and data.get("profile") is not None:
+            return {**profile_figures(data["profile"]), **data}
+        return data
 
     @model_validator(mode="after")
     def _count_or_share(self) -> TierConfig:
@@ -173,6 +213,8 @@ class TrainingConfig(_OneOf):
     min_iterations: AtLeastOne = 2
     max_iterations: AtLeastOne = 30
     warm_start: bool = True
+    upload: Annotated[str, Choice("upload")] = "float32"
+    """how clients encode the model they send back: float32 | float16 | int8 (fed_deq/quantize.py)"""
 
     @field_validator("clients_per_round", mode="before")
     @classmethod
@@ -209,6 +251,18 @@ class FusionConfig(Section):
     max_norm_ratio: Annotated[float, Field(ge=1)] = 10.0
     probe_samples: Count = 256
     """samples the server keeps out of every partition (and the test set) to score client models with"""
+    tier_weights: dict[str, float] = Field(
+        default_factory=dict, json_schema_extra={"additionalProperties": {"type": "number", "minimum": 0}})
+    """quality rule: a multiplier per tier name on its clients' weights (a tier not named: 1)"""
+
+    @field_validator("tier_weights", mode="after")
+    @classmethod
+    def _multipliers(cls, weights: dict[str, float]) -> dict[str, float]:
+        # Checked here, not by a value constraint, so the message names the tier and reads like the others.
+        for name, weight in weights.items():
+            if weight < 0:
+                raise failure(name, f"must be a number >= 0, got {float(weight)}")
+        return weights
 
 
 class SimulationConfig(Section):
