@@ -51,7 +51,7 @@ def finished_summary(scenario: Scenario, out_dir: Path) -> dict | None:
     try:
         summary = json.loads((out_dir / results.SUMMARY_FILE).read_text(encoding="utf-8"))
         done = parse_scenario(yaml.safe_load((out_dir / "scenario.yaml").read_text(encoding="utf-8")), "run")
-    except (OSError, ValueError, Exception):  # noqa: BLE001 - anything unreadable is simply run again
+    except Exception:  # noqa: BLE001 - anything unreadable or invalid is simply run again
         return None
     if summary.get("interrupted") or done != scenario or summary.get("rounds") != scenario.training.rounds:
         return None
