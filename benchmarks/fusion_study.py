@@ -29,14 +29,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fed_deq.results import read_metrics, time_to_target  # noqa: E402
-from fed_deq.scenario import load_scenario  # noqa: E402
+from fed_deq.scenario import Scenario, load_scenario  # noqa: E402
+import reuse  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "fusion.json"
 PLOT = ROOT / "docs" / "img" / "fusion_study.png"
 DOC = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- fusion:start -->", "<!-- fusion:end -->"
 PY = ".venv/bin/python"
-SCENARIOS = {"default": 0.6, "heterogeneous-fleet": 0.3}     # scenario → target accuracy for time-to-target
+SCENARIOS = {"default": 0.6, "heterogeneous-fleet": 0.5}     # scenario → target accuracy for time-to-target
 #: label → --set overrides. Every quality score, FedAvg and FedNova.
 CONFIGS = {
     "quality/residual": ["fusion.rule=quality", "fusion.score=residual"],
@@ -51,8 +52,8 @@ BASELINE = "fedavg"
 #: Accuracy swings by a few points from round to round: the decision figure is the mean of the last rounds.
 LATE_ROUNDS = 3
 #: Lying clients on the default scenario: every attack that forges a claim, one device each (tier, attack).
-LIES = (("phone", "inflate_examples"), ("phone", "fake_time"), ("tablet", "fake_residual"),
-        ("tablet", "fake_accuracy"), ("laptop", "fake_steps"))
+LIES = (("phone-low", "inflate_examples"), ("phone-low", "fake_time"), ("phone-mid", "fake_residual"),
+        ("phone-mid", "fake_accuracy"), ("phone-flagship", "fake_steps"))
 
 
 def adversaries_override(entries) -> str:
@@ -72,7 +73,7 @@ def shipped_label() -> str:
 
 
 #: The issue's own example: two phones inflating their sample counts.
-INFLATERS = "adversaries=[{tier: phone, count: 2, attack: inflate_examples}]"
+INFLATERS = "adversaries=[{tier: phone-low, count: 2, attack: inflate_examples}]"
 #: Adversary studies on the default scenario, against its shipped configuration: label → overrides.
 ADVERSARY_RUNS = {"liars": LIARS, "silent": SILENT, "two-inflaters": INFLATERS}
 T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
@@ -93,14 +94,16 @@ def command(scenario: str, overrides: list[str], seed: int, out: Path) -> list[s
     return [PY, "benchmarks/bare_loop.py", f"scenarios/{scenario}.yaml", "--out", str(out), *sets]
 
 
-def run_one(cmd: list[str], out: Path) -> dict:
-    """Run one study run (skipped when its summary exists: the study resumes) and read its results."""
-    if not (out / "summary.json").exists():
+def run_one(cmd: list[str], out: Path, scenario: Scenario, code: str) -> dict:
+    """Run one study run and read its results. A finished run of the same scenario by the same code is reused
+    (the study resumes); any other is run again (benchmarks/reuse.py)."""
+    if reuse.finished_summary(scenario, out, code) is None:
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "run.log", "w", encoding="utf-8") as log:
             done = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         if done.returncode != 0:
             raise SystemExit(f"study run failed ({done.returncode}): {shlex.join(cmd)}; see {out / 'run.log'}")
+        reuse.mark_made_by(out, code)
     summary = json.loads((out / "summary.json").read_text())
     metrics = read_metrics(out)
     probe = [m["probe"]["wall_s"] for m in metrics if m.get("probe")]
@@ -119,12 +122,14 @@ def study(seeds: list[int], jobs: int, out: Path) -> dict:
     plan += [("default", label, [*CONFIGS[shipped_label()], adversaries], seed)
              for label, adversaries in ADVERSARY_RUNS.items() for seed in seeds]
     started = time.perf_counter()
+    code = reuse.code_digest()
 
     def task(item):
         scenario, label, overrides, seed = item
         run_dir = out / scenario / label.replace("/", "-") / f"seed{seed}"
         cmd = command(scenario, overrides, seed, run_dir)
-        result = run_one(cmd, run_dir)
+        expected = load_scenario(ROOT / "scenarios" / f"{scenario}.yaml", [*overrides, f"seed={seed}"])
+        result = run_one(cmd, run_dir, expected, code)
         print(f"  {scenario:20s} {label:18s} seed {seed}: final {result['final_accuracy']:.3f}", flush=True)
         return item, cmd, result
 

@@ -3,8 +3,9 @@
 Measured for each run (a child `fed-deq simulate`, its whole process tree sampled from /proc):
 
 - **time before round 1**: from the command's start until its ``progress.json`` says round 1 is running (the
-  run loop opens round 1 right after evaluating the starting model). Split at the moment ``progress.json``
-  first appears (the recorder starts: imports, Ray, the server's set-up and node discovery are done).
+  run loop opens round 1 right after node discovery). Split at the moment ``progress.json`` first appears (the
+  recorder starts: imports, Ray and the server's set-up are done; then come the starting model's evaluation and
+  node discovery, which waits for the client actors).
 - **steady round wall**: median wall seconds per round from round 2 on (round 1 includes the actors' first
   training calls);
 - **peak memory**: RSS summed over the process tree (PSS alongside).
@@ -174,7 +175,8 @@ def section(data: dict) -> str:
              f"{data['machine']['cpus']} CPUs, load average at start "
              f"{', '.join(f'{x:.1f}' for x in data['machine']['load_average_at_start'])}. Raw figures: "
              "`benchmarks/scale.json`. Before round 1: from the command's start until `progress.json` says round 1 "
-             "runs (\"before recorder\": until the recorder starts, after discovery); steady round: median wall of "
+             "runs (\"before recorder\": until the recorder starts, before the starting model's evaluation and node "
+             "discovery); steady round: median wall of "
              "rounds 2 on; peak: the larger of the two 10,000-client runs.", "",
              "| figure | value | goal | |", "|---|---:|---:|---|"]
     lines += [f"| {name} | {value:.2f} {unit} | <= {goal:g} | {verdict(value, goal)} |" if value is not None

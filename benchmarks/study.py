@@ -6,8 +6,8 @@ instance, one cached dataset). Each variant is one ``fed-deq compare`` study: DI
 compare_summary.csv, one run folder per rule and seed. The document then sets the figures side by side with
 95% Student-t intervals, paired by seed: against FedAvg within a variant, and against the DEQ across variants.
 
-A finished run whose folder holds the same scenario is reused, so an interrupted study picks up where it
-stopped. Usage: ``python benchmarks/study.py [--seeds 5] [--target 0.6] [--set KEY=VALUE ...]``.
+A finished run whose folder holds the same scenario, made by the same code (a digest of the source, in
+``study-code.txt``), is reused, so an interrupted study picks up where it stopped. Usage: ``python benchmarks/study.py [--seeds 5] [--target 0.6] [--set KEY=VALUE ...]``.
 """
 
 from __future__ import annotations
@@ -26,10 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import yaml  # noqa: E402
-
 from fed_deq import results  # noqa: E402
-from fed_deq.scenario import Scenario, load_scenario, parse_scenario  # noqa: E402
+from fed_deq.scenario import Scenario, load_scenario  # noqa: E402
+import reuse  # noqa: E402
 import study_report as report  # noqa: E402
 from tools import compare, runs  # noqa: E402
 
@@ -46,27 +45,19 @@ VARIANTS: dict[str, tuple[str, ...]] = {
 # Running
 
 
-def finished_summary(scenario: Scenario, out_dir: Path) -> dict | None:
-    """The summary of a finished, uninterrupted run of exactly ``scenario`` in ``out_dir``, else None."""
-    try:
-        summary = json.loads((out_dir / results.SUMMARY_FILE).read_text(encoding="utf-8"))
-        done = parse_scenario(yaml.safe_load((out_dir / "scenario.yaml").read_text(encoding="utf-8")), "run")
-    except Exception:  # noqa: BLE001 - anything unreadable or invalid is simply run again
-        return None
-    if summary.get("interrupted") or done != scenario or summary.get("rounds") != scenario.training.rounds:
-        return None
-    return summary
-
-
-def reusing(run: runs.RunFn, reused: list[Path]) -> runs.RunFn:
-    """A runner that skips runs already finished in their folder (recorded in ``reused``) and runs the rest."""
+def reusing(run: runs.RunFn, reused: list[Path], code: str | None = None) -> runs.RunFn:
+    """A runner that skips runs already finished in their folder by the same code (recorded in ``reused``)
+    and runs the rest, marking each with the digest of the code that made it."""
+    code = code or reuse.code_digest()
 
     def run_or_reuse(scenario: Scenario, out_dir: Path, name: str) -> dict:
-        summary = finished_summary(scenario, Path(out_dir))
+        summary = reuse.finished_summary(scenario, Path(out_dir), code)
         if summary is not None:
             reused.append(Path(out_dir))
             return summary
-        return run(scenario, out_dir, name)
+        summary = run(scenario, out_dir, name)
+        reuse.mark_made_by(Path(out_dir), code)
+        return summary
 
     return run_or_reuse
 
@@ -89,10 +80,12 @@ def run_study(scenario_path: Path, out_dir: Path, *, seeds: int, target: float, 
     reused: list[Path] = []
     comparisons = {}
     started = time.perf_counter()
+    code = reuse.code_digest()
     with study_runner(scenarios[next(iter(scenarios))], run) as engine:
         for name, scenario in scenarios.items():
             comparisons[name] = compare.compare(scenario, rules, out_dir / name, target=target, seeds=seeds,
-                                                baseline=report.BASELINE, name=name, run=reusing(engine, reused))
+                                                baseline=report.BASELINE, name=name,
+                                                run=reusing(engine, reused, code))
     return {"comparisons": comparisons, "scenarios": scenarios, "reused": len(reused),
             "wall_time_s": time.perf_counter() - started}
 

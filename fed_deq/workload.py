@@ -268,17 +268,21 @@ def tier_eval_budgets(scenario: Scenario, model: nn.Module) -> dict[str, int]:
 
 
 def evaluate_global(scenario: Scenario, model: nn.Module, arrays: Arrays,
-                    tier_budgets: dict[str, int]) -> dict:
+                    tier_budgets: dict[str, int], *, server_validation: bool = True) -> dict:
     """Centralised test accuracy at the evaluation budget and at each tier's own budget, and the accuracy on
-    the server's validation split at the evaluation budget (None without one): tuning reads only that."""
+    the server's validation split at the evaluation budget (None without one, or with ``server_validation``
+    false): tuning reads only that."""
     bundle = scenario_data(scenario)
     load_arrays(model, arrays)
     m = scenario.model
     main = evaluate(model, bundle.x_test, bundle.y_test, solver=m.solver, max_iter=m.eval_iterations, tol=m.tol)
-    by_tier = {tier: evaluate(model, bundle.x_test, bundle.y_test, solver=m.solver, max_iter=k, tol=m.tol).accuracy
-               for tier, k in tier_budgets.items()}
+    # Each distinct budget is evaluated once: tiers often share one (the cap), or the evaluation budget.
+    at_budget = {m.eval_iterations: main.accuracy}
+    for k in sorted(set(tier_budgets.values()) - set(at_budget)):
+        at_budget[k] = evaluate(model, bundle.x_test, bundle.y_test, solver=m.solver, max_iter=k, tol=m.tol).accuracy
+    by_tier = {tier: at_budget[k] for tier, k in tier_budgets.items()}
     server_val = None
-    if bundle.y_server_val is not None and len(bundle.y_server_val):
+    if server_validation and bundle.y_server_val is not None and len(bundle.y_server_val):
         server_val = evaluate(model, bundle.x_server_val, bundle.y_server_val, solver=m.solver,
                               max_iter=m.eval_iterations, tol=m.tol).accuracy
     return {"accuracy": main.accuracy, "loss": main.loss, "eval_iterations": main.mean_iterations,

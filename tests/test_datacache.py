@@ -122,3 +122,35 @@ def test_the_folder_comes_from_the_environment_or_defaults_to_the_user_cache(mon
 def test_the_test_session_never_writes_to_the_users_cache():
     # tests/conftest.py points every test (and the processes they start) at a folder of the session
     assert Path(os.environ[datacache.CACHE_DIR_ENV]) != Path(os.path.expanduser("~/.cache/fed-deq"))
+
+
+def _generate_slowly(log: str) -> dict:
+    """A generator that notes each call in ``log`` and takes long enough for the other callers to arrive."""
+    import time
+
+    with open(log, "a", encoding="utf-8") as handle:
+        handle.write("generated\n")
+    time.sleep(0.5)
+    return {"x": np.arange(6.0)}
+
+
+def _ask_for_the_dataset(folder: str, log: str, start) -> list:
+    """In a child process: wait for the start signal, then ask the cache for one dataset."""
+    os.environ[datacache.CACHE_DIR_ENV] = folder
+    start.wait(30)
+    return datacache.cached_arrays("slow", {"n": 6}, lambda: _generate_slowly(log), ("x",))["x"].tolist()
+
+
+def test_processes_asking_at_once_generate_a_missing_dataset_once(cache):
+    import multiprocessing
+
+    log = cache.parent / "calls.log"
+    context = multiprocessing.get_context("spawn")
+    start = context.Manager().Event()
+    with context.Pool(3) as pool:
+        pending = [pool.apply_async(_ask_for_the_dataset, (str(cache), str(log), start)) for _ in range(3)]
+        start.set()
+        answers = [p.get(timeout=120) for p in pending]
+    assert answers == [list(np.arange(6.0))] * 3
+    assert log.read_text().splitlines() == ["generated"]  # one process generated, the two others read its file
+

@@ -122,6 +122,15 @@ def test_a_local_ray_gets_the_path_by_inheritance_and_a_cluster_by_runtime_env()
     kwargs, env = ray_init_kwargs({"address": "10.0.0.1:6379"})
     assert env == {} and kwargs["address"] == "10.0.0.1:6379"
     assert kwargs["runtime_env"]["env_vars"]["PYTHONPATH"].split(os.pathsep)[:len(sys.path)] == sys.path
+    # "local" (what a scenario without ray_address asks for) starts a Ray of this process: inheritance again.
+    kwargs, env = ray_init_kwargs({"address": "local", "num_cpus": 2})
+    assert "runtime_env" not in kwargs and kwargs["address"] == "local" and "PYTHONPATH" in env
+
+
+def test_a_scenario_without_ray_address_asks_for_a_ray_of_its_own():
+    from tools.simulate import backend_config
+
+    assert backend_config(parse_scenario_text(TINY_SCENARIO))["init_args"]["address"] == "local"
 
 
 def test_environment_is_restored_after_the_block(monkeypatch):
@@ -194,3 +203,40 @@ def test_a_study_on_a_cluster_by_address_leaves_the_cluster_running(tmp_path, mo
     finally:
         cluster.stdin.close()
         cluster.wait(timeout=60)
+
+
+class FakeProcess:
+    """A Popen stand-in that logs terminate/kill calls; ``stubborn`` ones ignore SIGTERM."""
+
+    def __init__(self, name: str, log: list, stubborn: bool = False) -> None:
+        self.name, self.log, self.stubborn, self.returncode = name, log, stubborn, None
+
+    def poll(self):
+        return self.returncode
+
+    def terminate(self) -> None:
+        self.log.append(("term", self.name))
+        if not self.stubborn:
+            self.returncode = -15
+
+    def wait(self, timeout=None):
+        if self.returncode is None:
+            raise subprocess.TimeoutExpired(self.name, timeout)
+        return self.returncode
+
+    def kill(self) -> None:
+        self.log.append(("kill", self.name))
+        self.returncode = -9
+
+
+def test_ray_processes_are_ended_raylet_first_then_gcs_then_the_helpers_and_never_the_reaper():
+    from types import SimpleNamespace
+
+    log: list = []
+    kinds = {"gcs_server": False, "monitor": True, "log_monitor": False, "raylet": False, "reaper": False}
+    processes = {kind: [SimpleNamespace(process=FakeProcess(kind, log, stubborn))] for kind, stubborn in kinds.items()}
+    engine_module.stop_promptly(processes)
+    assert log[:2] == [("term", "raylet"), ("term", "gcs_server")]
+    assert set(log[2:4]) == {("term", "monitor"), ("term", "log_monitor")}
+    assert log[4:] == [("kill", "monitor")]  # the one that ignored SIGTERM is killed after its grace
+    assert processes["reaper"][0].process.returncode is None  # Ray ends its reaper itself, last

@@ -29,7 +29,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.federation import NoOpFederationManager
 
-from tools.flower_patch import is_known_state, single_pass_dispatch, single_pass_loop
+from tools.flower_patch import QUEUE_WAIT_S, PromptQueue, is_known_state, single_pass_dispatch, single_pass_loop
 from tools.simulate import quiet_flower
 
 RUN_ID, TASK_ID = 4242, 77
@@ -115,13 +115,33 @@ def test_context_manager_installs_and_restores_flowers_loop():
     original = vce_api.add_messages_to_queue
     with single_pass_dispatch() as installed:
         assert installed and vce_api.add_messages_to_queue.single_pass
+        assert vce_api.Queue is PromptQueue  # the engine's queues, created inside the run
         with single_pass_dispatch() as nested:  # an inner block leaves the outer one's replacement alone
             assert not nested
         assert vce_api.add_messages_to_queue.single_pass
-    assert vce_api.add_messages_to_queue is original
+    assert vce_api.add_messages_to_queue is original and vce_api.Queue is Queue
     with pytest.raises(RuntimeError), single_pass_dispatch():
         raise RuntimeError("a run that fails")
-    assert vce_api.add_messages_to_queue is original
+    assert vce_api.add_messages_to_queue is original and vce_api.Queue is Queue
+
+
+def test_a_prompt_queue_caps_timed_waits_and_leaves_the_others(monkeypatch):
+    asked = []
+    monkeypatch.setattr(Queue, "get", lambda self, block=True, timeout=None: asked.append((block, timeout)))
+    queue = PromptQueue()
+    queue.get(timeout=1.0)          # Flower's worker threads: a second, capped
+    queue.get(timeout=0.01)         # shorter waits stay as they are
+    queue.get()                     # an untimed wait stays untimed
+    queue.get(False)
+    assert asked == [(True, QUEUE_WAIT_S), (True, 0.01), (True, None), (False, None)]
+
+
+def test_a_prompt_queue_still_delivers_what_is_put():
+    queue = PromptQueue()
+    queue.put("reply")
+    assert queue.get(timeout=1.0) == "reply"
+    with pytest.raises(Empty):
+        queue.get(timeout=1.0)
 
 
 def test_a_state_with_a_plain_lock_keeps_flowers_loop(task_identity):

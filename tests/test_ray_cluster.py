@@ -106,3 +106,20 @@ def test_a_scenario_runs_on_both_nodes_of_a_ray_cluster(two_node_cluster, tmp_pa
     # The run leaves the cluster as it found it: both nodes up, none of its client actors left running.
     assert sorted(n["NodeID"] for n in cluster.global_state.node_table() if n["Alive"]) == sorted(node_ids)
     assert live_client_actors(cluster) == []
+
+
+def test_without_ray_address_a_run_starts_its_own_ray_even_beside_a_cluster(two_node_cluster, tmp_path):
+    # RAY_ADDRESS names the running cluster, as `ray start` users often export it: a plain ray.init() would
+    # join it (and refuse num_cpus). A scenario without simulation.ray_address must run on a Ray of its own.
+    cluster, _ = two_node_cluster
+    before = client_calls_by_node(cluster)
+    scenario = tmp_path / "tiny.yaml"
+    scenario.write_text(TINY_SCENARIO)
+    out = tmp_path / "out"
+    command = [str(Path(sys.executable).parent / "fed-deq"), "simulate", str(scenario), "--out", str(out),
+               "--no-progress"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_ADDRESS": cluster.address})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["rounds"] == ROUNDS
+    assert client_calls_by_node(cluster) == before  # the cluster ran none of its client calls

@@ -15,6 +15,7 @@ from tests.fakegrid import FakeGrid
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import reuse  # noqa: E402
 import study  # noqa: E402
 import study_report  # noqa: E402
 
@@ -52,6 +53,25 @@ def test_a_study_runs_every_variant_rule_and_seed_and_reuses_finished_runs(tmp_p
     assert runner.calls == 8 and again["reused"] == 8  # nothing ran twice
     assert study.collect_rows(again, tmp_path) == [{**r, "wall_time_s": r2["wall_time_s"]}
                                                     for r, r2 in zip(rows, study.collect_rows(again, tmp_path))]
+
+
+def test_a_run_made_by_other_code_is_not_reused(tmp_path, monkeypatch):
+    runner = CountingRunner()
+    run_tiny(tmp_path, runner)
+    assert len(list(tmp_path.rglob(reuse.CODE_FILE))) == 8
+    monkeypatch.setattr(reuse, "code_digest", lambda: "edited-source")  # as if a source file had changed
+    again = run_tiny(tmp_path, runner)
+    assert runner.calls == 16 and again["reused"] == 0
+
+
+def test_the_code_digest_follows_every_source_file(tmp_path):
+    for package in reuse.CODE_PACKAGES:
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "a.py").write_text("x = 1\n")
+    before = reuse.code_digest(tmp_path)
+    (tmp_path / "wire" / "a.py").write_text("x = 2\n")
+    assert reuse.code_digest(tmp_path) != before
+    assert reuse.code_digest(ROOT) == reuse.code_digest(ROOT)
 
 
 def test_a_changed_scenario_is_not_reused(tmp_path):

@@ -9,13 +9,13 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from fed_deq.errors import RunFailed
 from fed_deq.scenario import Scenario
-from tools.engine import FLOWER_ENV, RayEngine, flower_backend_module
+from tools.engine import FLOWER_ENV, LOCAL_RAY, RayEngine, flower_backend_module, shut_down_ray
 
 #: Flower's own log line on every run_simulation call ("DEPRECATED FEATURE: The `run_simulation` function is
 #: deprecated ..."): a logged warning, not a Python warning, so it is filtered on Flower's logger.
@@ -142,7 +142,9 @@ def end_processes(processes: list[tuple[int, str]], grace_s: float) -> None:
 def backend_config(scenario: Scenario) -> dict:
     """Ray backend settings from the scenario's simulation section."""
     sim = scenario.simulation
-    init_args = {"num_cpus": sim.num_cpus or os.cpu_count() or 1, "include_dashboard": False,
+    # "local": a Ray of the run's own, even where RAY_ADDRESS or a `ray start` on this machine names a
+    # running cluster (which a plain ray.init() would join, refusing num_cpus); clusters go in ray_address.
+    init_args = {"address": LOCAL_RAY, "num_cpus": sim.num_cpus or os.cpu_count() or 1, "include_dashboard": False,
                  "log_to_driver": False, "logging_level": logging.ERROR}
     if sim.ray_address:
         init_args = {"address": sim.ray_address, "log_to_driver": False, "logging_level": logging.ERROR}
@@ -150,18 +152,18 @@ def backend_config(scenario: Scenario) -> dict:
 
 
 @contextmanager
-def open_engine(scenario: Scenario) -> Iterator[RayEngine]:
+def open_engine(scenario: Scenario, imported: Callable[[], object] | None = None) -> Iterator[RayEngine]:
     """Ray and the client actors for any number of simulations like ``scenario`` (its ``simulation`` section
     says how: ``num_cpus``, ``cpus_per_client``, ``ray_address``). They start on entry, the actors then
     loading the ClientApp and the scenario's data in the background; they are stopped (or, from a cluster,
-    disconnected from) on exit. See tools/engine.py."""
+    disconnected from) on exit. ``imported``: see ``RayEngine.start``. See tools/engine.py."""
     from fed_deq.scenario import dump_scenario
 
     engine = RayEngine(backend_config(scenario), warm_up=functools.partial(warm_client, dump_scenario(scenario)))
     try:
         with quiet_flower():
             try:
-                engine.start()
+                engine.start(imported)
             except Exception as exc:  # noqa: BLE001 - re-raised with a one-line reason for the CLI
                 raise RunFailed(f"Ray did not start: {' '.join(str(exc).split())[:300]}") from exc
         yield engine
@@ -189,12 +191,12 @@ def simulate(scenario: Scenario, out_dir: str | Path, *, name: str = "scenario",
     processes are ended (the engine's too), then SimulationInterrupted is raised.
     """
     if engine is None:
-        # The driver's other imports and its dataset load in a thread while Ray and the actors start. Ray and
-        # Flower's backend are imported first, here: two threads importing one package at once can see it
-        # half initialised.
-        flower_backend_module()
-        threading.Thread(target=_prepare_driver, args=(scenario,), daemon=True).start()
-        with open_engine(scenario) as own:
+        # Flower's modules import in a thread while Ray starts (about 1 s), then the driver's dataset loads
+        # there while the actors start. The engine waits for the imports before it imports Flower's backend
+        # itself: one thread at a time imports Flower.
+        imports_done = threading.Event()
+        threading.Thread(target=_prepare_driver, args=(scenario, imports_done), daemon=True).start()
+        with open_engine(scenario, imported=imports_done.wait) as own:
             return simulate(scenario, out_dir, name=name, progress=progress, tensorboard=tensorboard, engine=own)
     os.environ.update(FLOWER_ENV)
     from flwr.app import Context  # imported late: Flower is slow to import and only needed here
@@ -249,16 +251,21 @@ def shut_ray_down() -> None:
     import ray
 
     if ray.is_initialized():
-        ray.shutdown()
+        shut_down_ray()
 
 
-def _prepare_driver(scenario: Scenario) -> None:
-    """Import what the run needs and load the scenario's dataset into this process's memo; errors surface
-    later, where the modules and the data are used."""
+def _prepare_driver(scenario: Scenario, imports_done: threading.Event | None = None) -> None:
+    """Import what the run needs (Flower's backend first), set ``imports_done``, then load the scenario's
+    dataset into this process's memo; errors surface later, where the modules and the data are used."""
     try:
-        import flwr.serverapp  # noqa: F401 - imported for its import time
-        import flwr.simulation  # noqa: F401
-        import server.federation  # noqa: F401
+        try:
+            flower_backend_module()
+            import flwr.serverapp  # noqa: F401 - imported for its import time
+            import flwr.simulation  # noqa: F401
+            import server.federation  # noqa: F401
+        finally:
+            if imports_done is not None:
+                imports_done.set()
         from fed_deq.workload import scenario_data
 
         scenario_data(scenario)
