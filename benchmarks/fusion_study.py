@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
 
 from fed_deq.results import read_metrics, time_to_target  # noqa: E402
 from fed_deq.scenario import Scenario, load_scenario  # noqa: E402
-import reuse  # noqa: E402
+from benchmarks import reuse  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "fusion.json"
 PLOT = ROOT / "docs" / "img" / "fusion_study.png"

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from fed_deq import results  # noqa: E402
 from fed_deq.scenario import Scenario, load_scenario  # noqa: E402
-import reuse  # noqa: E402
+from benchmarks import reuse  # noqa: E402
 import study_report as report  # noqa: E402
 from tools import compare, runs  # noqa: E402
 

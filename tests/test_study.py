@@ -15,7 +15,7 @@ from tests.fakegrid import FakeGrid
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import reuse  # noqa: E402
+from benchmarks import reuse  # noqa: E402
 import study  # noqa: E402
 import study_report  # noqa: E402
 
