@@ -6,20 +6,14 @@ so; everything with a number from this run comes from results.json.
 
 from __future__ import annotations
 
-from benchmarks.overhead_notes import overhead_note, per_update_note, study_note
-
-
-def _verdict(fig: dict) -> str:
-    if fig.get("met") is None:
-        return "no goal"
-    return f"goal {fig['goal']}: {'met' if fig['met'] else 'missed'}"
+from benchmarks.overhead_notes import overhead_note, per_update_note, study_note, verdict
 
 
 def memory_note(fig: dict) -> str:
     """Where the large fleet's memory goes."""
     d = fig["details"]
     return (
-        f"**`large_fleet_peak_rss_gib` = {fig['value']:.2f} GiB ({_verdict(fig)}).** Resident memory summed over "
+        f"**`large_fleet_peak_rss_gib` = {fig['value']:.2f} GiB ({verdict(fig)}).** Resident memory summed over "
         f"the whole process tree of the run ({d['processes_at_peak']} processes at the peak, sampled every 0.25 s "
         f"from /proc); counting shared pages once (PSS) it is {d['peak_pss_gib']:.2f} GiB. The fleet size costs "
         f"almost nothing: the 100-client run peaked at {d['fleet_100_peak_rss_gib']:.2f} GiB. The memory is the "
@@ -34,7 +28,7 @@ def fleet_size_note(fig: dict) -> str:
     """What changes between 100 and 1,000 clients, and the Flower hot spot found there."""
     d = fig["details"]
     return (
-        f"**`fleet_size_round_ratio` = {fig['value']:.2f}× ({_verdict(fig)}).** Median round wall (rounds 2 on; "
+        f"**`fleet_size_round_ratio` = {fig['value']:.2f}× ({verdict(fig)}).** Median round wall (rounds 2 on; "
         f"round 1 includes the actors' start-up) {d['round_wall_1000_s']:.2f} s with 1,000 clients vs "
         f"{d['round_wall_100_s']:.2f} s with 100; 50 sampled per round in both, the same 16 training samples per "
         "client and the same 4,000-sample test set (so the central evaluation costs the same), only the fleet size "
@@ -58,7 +52,7 @@ def warm_start_note(fig: dict) -> str:
     budgets = ", ".join(f"{k}: {v:.2f}×" for k, v in limited["ratio_by_forward_budget"].items())
     no_bank = d["ratio_without_earlier_bank"]
     return (
-        f"**`warm_over_cold_iters` = {fig['value']:.2f}× ({_verdict(fig)}).** Measured where the tolerance, not the "
+        f"**`warm_over_cold_iters` = {fig['value']:.2f}× ({verdict(fig)}).** Measured where the tolerance, not the "
         f"budget, stops the solve: the default scenario with {', '.join(f'`{o}`' for o in d['overrides'])} (every "
         f"client gets {_budget_list(list(d['ratio_by_forward_budget']))} forward iterations, model.tol 1e-3), run "
         "with `training.warm_start=true` and `false`. Mean forward iterations per solve of the "
@@ -104,7 +98,7 @@ def fusion_note(fig: dict) -> str:
     faster = "FedAvg got there first on average" if fig["value"] > 1 else "The quality rule got there first on average"
     return (
         f"**`quality_over_fedavg_time_to_target` = {fig['value']:.2f}× ± {d['ratio_ci95']:.2f} (95 % interval over "
-        f"seeds {', '.join(map(str, d['seeds']))}; {_verdict(fig)}).** Simulated seconds until the test accuracy "
+        f"seeds {', '.join(map(str, d['seeds']))}; {verdict(fig)}).** Simulated seconds until the test accuracy "
         f"first reached {d['target_accuracy']:g} on scenarios/heterogeneous-fleet.yaml, `{d['quality_config']}` "
         f"(the shipped default) over FedAvg, paired by seed (per seed: "
         f"{', '.join(f'{r:.2f}' for r in d['per_seed_ratio'])}): quality {q['mean']:.0f} ± {q['ci95']:.0f} s "

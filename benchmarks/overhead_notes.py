@@ -8,7 +8,8 @@ every other number comes from results.json.
 from __future__ import annotations
 
 
-def _verdict(fig: dict) -> str:
+def verdict(fig: dict) -> str:
+    """A figure's goal and whether it is met, for the notes: "goal <= 1: met", or "no goal"."""
     if fig.get("met") is None:
         return "no goal"
     return f"goal {fig['goal']}: {'met' if fig['met'] else 'missed'}"
@@ -32,7 +33,7 @@ def overhead_note(fig: dict) -> str:
                   f"{ratios}. The machine's noise moves a single pair by about as much as the distance to the "
                   "goal, so read the spread, not the second decimal.")
     return (
-        f"**`overhead_ratio` = {fig['value']:.2f}× ({_verdict(fig)}).** `fed-deq simulate` took "
+        f"**`overhead_ratio` = {fig['value']:.2f}× ({verdict(fig)}).** `fed-deq simulate` took "
         f"{d['simulate_wall_s']:.1f} s and the bare loop {d['bare_loop_wall_s']:.1f} s for the same {d['rounds']} "
         f"rounds; {same}.{spread} Per round Flower + Ray is {per_round:.2f}× the bare loop (median round wall "
         f"{d['simulate_round_wall_s']:.2f} s vs {d['bare_round_wall_s']:.2f} s): the two Ray actors train the "
@@ -67,7 +68,7 @@ def per_update_note(fig: dict) -> str:
     """The framework's overhead spread over the client updates of the run."""
     d = fig["details"]
     return (
-        f"**`overhead_per_update_s` = {fig['value']:.3f} s ({_verdict(fig)}).** (simulate wall − bare loop wall) / "
+        f"**`overhead_per_update_s` = {fig['value']:.3f} s ({verdict(fig)}).** (simulate wall − bare loop wall) / "
         f"client updates: ({d['simulate_wall_s']:.1f} s − {d['bare_loop_wall_s']:.1f} s) / {d['client_updates']} "
         "updates (the clients that trained and replied, all rounds), the same runs as `overhead_ratio`. Most of "
         "the difference is fixed cost (outside the rounds: "
@@ -83,7 +84,7 @@ def study_note(fig: dict) -> str:
     few, many = d["runs"].items()
     outside = d["extra_run_outside_rounds_s"]
     return (
-        f"**`study_extra_run_s` = {fig['value']:.2f} s ({_verdict(fig)}).** `fed-deq compare` of "
+        f"**`study_extra_run_s` = {fig['value']:.2f} s ({verdict(fig)}).** `fed-deq compare` of "
         f"scenarios/digits-iid.yaml with 2 rounds per run made {many[1]} runs in {d['compare_wall_s'][many[0]]:.1f} s "
         f"and {few[1]} runs in {d['compare_wall_s'][few[0]]:.1f} s: each of the {many[1] - few[1]} extra runs added "
         f"{d['wall_per_extra_run_s']:.2f} s of wall, of which the same run in the bare loop takes "

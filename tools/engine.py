@@ -72,9 +72,9 @@ class RayEngine:
         Call it from the thread that will outlive the engine (the main thread): Ray's processes are started
         to die with the thread that started them (Linux's parent-death signal is per thread). ``imported``,
         if given, is called after Ray has started and before Flower's backend is imported: a caller importing
-        Flower in another thread while Ray starts passes that thread's ``join``, so that one thread at a time
-        imports Flower (two threads importing one package with circular imports can see a module half
-        initialised).
+        Flower in another thread while Ray starts passes a wait for that thread's imports, so that one thread
+        at a time imports Flower (two threads importing one package with circular imports can see a module
+        half initialised).
         """
         os.environ.update(FLOWER_ENV)
         import ray
