@@ -238,15 +238,11 @@ def warm_over_cold(warm_log: list[dict], cold_log: list[dict]) -> dict:
 
 
 def small_fleet_overrides(clients: int = SMALL_FLEET) -> list[str]:
-    """--set values giving large-fleet.yaml ``clients`` clients with the same training samples per client and the
-    same test set (central evaluation costs the same), so only the fleet size differs."""
+    """--set values giving large-fleet.yaml ``clients`` clients with the same training and validation samples
+    per client and the same test, probe and server validation sets (``scale.same_data_overrides``), so only
+    the fleet size differs."""
     big = load_scenario(ROOT / "scenarios" / "large-fleet.yaml")
-    total, fraction = big.dataset.num_samples, big.dataset.test_fraction
-    n_test = round(total * fraction)  # how fed_deq.data splits
-    n_train_small = (total - n_test) * clients // big.fleet.num_clients
-    small_total = n_train_small + n_test
-    return ["--set", f"fleet.num_clients={clients}", "--set", f"dataset.num_samples={small_total}",
-            "--set", f"dataset.test_fraction={n_test / small_total!r}"]
+    return scale.same_data_overrides([f"fleet.num_clients={big.fleet.num_clients}"], clients)
 
 
 def step_fleet(out: Path) -> dict:

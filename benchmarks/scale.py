@@ -73,18 +73,29 @@ class Run:
                 "processes_at_peak": self.peak.processes}
 
 
+def same_data_overrides(base_overrides: list[str], clients: int) -> list[str]:
+    """``--set`` values giving SCENARIO ``clients`` clients with the training and validation samples per client
+    of the scenario under ``base_overrides`` (after the probe set and the server's validation split are drawn)
+    and the same test set, probe set and server validation split: only the fleet size differs, so a round
+    does the same work. The base's ``fleet.num_clients`` must be set. tests/test_bench_schema.py checks the
+    sizes on the data a run would load."""
+    base = load_scenario(ROOT / SCENARIO, overrides=base_overrides)
+    total = base.dataset.num_samples
+    n_test = round(total * base.dataset.test_fraction)  # as fed_deq.data splits
+    held = base.fusion.probe_samples + base.dataset.server_validation_samples
+    partitioned = (total - n_test - held) * clients // base.fleet.num_clients
+    small_total = partitioned + held + n_test
+    sets = [f"fleet.num_clients={clients}", f"dataset.num_samples={small_total}"]
+    if small_total != total:
+        sets.append(f"dataset.test_fraction={n_test / small_total!r}")
+    return [x for s in sets for x in ("--set", s)]
+
+
 def fleet_overrides(clients: int, rounds: int) -> list[str]:
     """``--set`` values for ``clients`` clients with the training samples per client of the 10,000-client fleet
-    (after the probe set and the server's validation split are drawn) and its 20,000-sample test set."""
-    big = load_scenario(ROOT / SCENARIO, overrides=[f"dataset.num_samples={BIG_SAMPLES}"])
-    n_test = round(BIG_SAMPLES * big.dataset.test_fraction)  # as fed_deq.data splits
-    held = big.fusion.probe_samples + big.dataset.server_validation_samples
-    partitioned = (BIG_SAMPLES - n_test - held) * clients // BIG
-    total = partitioned + held + n_test
-    sets = [f"fleet.num_clients={clients}", f"dataset.num_samples={total}", f"training.rounds={rounds}"]
-    if total != BIG_SAMPLES:
-        sets.append(f"dataset.test_fraction={n_test / total!r}")
-    return [x for s in sets for x in ("--set", s)]
+    and its 20,000-sample test set (``same_data_overrides``), run for ``rounds`` rounds."""
+    big = [f"dataset.num_samples={BIG_SAMPLES}", f"fleet.num_clients={BIG}"]
+    return [*same_data_overrides(big, clients), "--set", f"training.rounds={rounds}"]
 
 
 def watch_progress(out: Path, started: float, seen: dict, stop: threading.Event) -> None:

@@ -190,19 +190,64 @@ def test_warm_over_cold_pairs_the_same_client_rounds():
     assert result["ratio_by_forward_budget"] == {"9": pytest.approx(0.5)}
 
 
-def test_small_fleet_keeps_per_client_data_and_test_set():
+@pytest.fixture
+def fake_mnist1d(monkeypatch):
+    """MNIST-1D replaced by zeros with cycling labels (any size at once); the data memos are emptied before
+    and after, so no other test sees the fake data."""
+    import numpy as np
+
+    from fed_deq import data
+
+    def fake(seed, num_samples):
+        return np.zeros((num_samples, 40), np.float32), np.arange(num_samples, dtype=np.int64) % 10, 10
+
+    monkeypatch.setattr(data, "_make_mnist1d", fake)
+    data.load_dataset.cache_clear()
+    data.hold_server_validation.cache_clear()
+    yield
+    data.load_dataset.cache_clear()
+    data.hold_server_validation.cache_clear()
+
+
+def split_sizes(scenario):
+    """Sizes of the sets a run of ``scenario`` loads: test, probe, server validation, and each client's
+    (train, validation) as a sorted list, by the calls the run makes."""
+    from fed_deq import workload
+
+    bundle = workload.scenario_data(scenario)
+    clients = sorted((len(c.y_train), len(c.y_val)) for c in
+                     (workload.client_partition(scenario, i) for i in range(fleet_size(scenario))))
+    return len(bundle.y_test), len(bundle.y_probe), len(bundle.y_server_val), clients
+
+
+def test_small_fleet_keeps_per_client_data_and_the_server_sets(fake_mnist1d):
+    # The 100-client fleet once had 9 training samples and no validation sample per client against the
+    # 1,000-client fleet's 15 and 1 (the probe set and the server's validation split were not counted),
+    # so the larger fleet's rounds did more work.
     big = load_scenario(ROOT / "scenarios" / "large-fleet.yaml")
     small = load_scenario(ROOT / "scenarios" / "large-fleet.yaml", run_all.small_fleet_overrides()[1::2])
-
-    def split(s):  # how fed_deq.data splits train and test
-        n_test = round(s.dataset.num_samples * s.dataset.test_fraction)
-        return s.dataset.num_samples - n_test, n_test
-
-    (big_train, big_test), (small_train, small_test) = split(big), split(small)
     assert small.fleet.num_clients == 100 and big.fleet.num_clients == 1000
-    assert small_test == big_test
-    assert small_train / 100 == big_train / 1000
     assert small.training.clients_per_round == big.training.clients_per_round
+    *big_sets, big_clients = split_sizes(big)
+    *small_sets, small_clients = split_sizes(small)
+    assert small_sets == big_sets
+    assert set(small_clients) == set(big_clients)  # the same sizes (a remainder spreads one sample wider)
+    assert sum(n for n, _ in small_clients) / 100 == pytest.approx(sum(n for n, _ in big_clients) / 1000, abs=0.01)
+    assert any(v for _, v in small_clients)
+
+
+def test_scale_fleets_keep_the_10000_client_fleets_data_per_client(fake_mnist1d):
+    from benchmarks import scale
+
+    big, small = (load_scenario(ROOT / scale.SCENARIO, scale.fleet_overrides(n, 3)[1::2])
+                  for n in (scale.BIG, scale.SMALL))
+    assert (big.fleet.num_clients, small.fleet.num_clients) == (scale.BIG, scale.SMALL)
+    *big_sets, big_clients = split_sizes(big)
+    *small_sets, small_clients = split_sizes(small)
+    assert small_sets == big_sets
+    assert set(small_clients) <= set(big_clients)
+    assert sum(n for n, _ in small_clients) / scale.SMALL == pytest.approx(
+        sum(n for n, _ in big_clients) / scale.BIG, abs=0.01)
 
 
 def test_steady_round_wall_skips_round_one():

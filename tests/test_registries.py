@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import typing
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +17,7 @@ from fed_deq.deq.models import build_model
 from fed_deq.deq.solvers import SOLVERS, register_solver
 from fed_deq.errors import InputError
 from fed_deq.scenario import Scenario, parse_scenario, registry, scenario_json_schema
-from fed_deq.scenario.choices import REGISTRIES, Choice
+from fed_deq.scenario.choices import BUILT_IN, REGISTRIES, Choice
 from fed_deq.scenario.messages import model_of
 from fed_deq.training import OPTIMIZERS, LocalTrainConfig, evaluate, make_optimizer
 
@@ -150,3 +154,24 @@ def test_the_clock_prices_every_backward_mode():
         work = max_work(samples=10, batch_size=4, epochs=1, forward=budget.forward, backward=budget.backward,
                         backward_mode=mode)
         assert work.grad_evals >= 10  # every mode recomputes f at least once per sample on the gradient path
+
+
+def test_the_built_in_names_are_the_names_the_registries_ship_with():
+    # In a fresh interpreter: tests in this one register extra names for a while.
+    script = ("import json; from fed_deq.scenario.choices import REGISTRIES, names; "
+              "print(json.dumps({choice: sorted(names(choice)) for choice in REGISTRIES}))")
+    shipped = json.loads(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                                        text=True).stdout)
+    assert set(BUILT_IN) == set(REGISTRIES)
+    assert {choice: sorted(BUILT_IN[choice]) for choice in shipped} == shipped
+
+
+def test_validating_the_shipped_scenarios_does_not_import_torch():
+    # fed-deq simulate starts Ray while torch imports in another thread; validation on the main thread
+    # must not import it first.
+    script = ("import sys, glob; from tools.cli import main; from fed_deq.scenario import load_scenario; "
+              "[load_scenario(path) for path in sorted(glob.glob('scenarios/*.yaml'))]; "
+              "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.strip() == "False"

@@ -4,6 +4,11 @@ The schema holds no list of names: a value is checked against the registry when 
 solver added with ``register_solver("mine", fn)`` can be chosen from YAML at once, and the JSON Schema lists
 the registry's names as ``enum`` when it is generated. The registries are imported on first use, not with
 this package: the modules that implement them import the scenario (and torch).
+
+The names the registries ship with are also listed here (``BUILT_IN``), so that a scenario naming only
+those validates without importing the registries and torch (1-2 s): ``fed-deq simulate`` starts Ray while
+torch imports in another thread. A name outside the list is checked against the registry itself, so
+registered names still validate; tests/test_registries.py checks the list against the registries.
 """
 
 from __future__ import annotations
@@ -35,6 +40,25 @@ REGISTRIES: Mapping[str, tuple[str, str]] = MappingProxyType({
     "upload": ("fed_deq.quantize", "ENCODINGS"),
 })
 
+#: The names each registry ships with, readable without importing it (see the module docstring).
+BUILT_IN: Mapping[str, frozenset[str]] = MappingProxyType({
+    "partition": frozenset({"iid", "dirichlet", "pathological"}),
+    "model_kind": frozenset({"deq", "weight_tied", "explicit"}),
+    "cell": frozenset({"mlp", "conv1d", "conv2d"}),
+    "contraction": frozenset({"none", "spectral", "monotone"}),
+    "solver": frozenset({"picard", "anderson", "broyden"}),
+    "backward": frozenset({"one-step", "implicit", "phantom"}),
+    "optimizer": frozenset({"sgd", "adam"}),
+    "rule": frozenset({"quality", "fedavg", "fednova", "fedprox", "fedmedian", "fedtrimmedavg", "krum"}),
+    "score": frozenset({"budget", "residual", "accuracy", "product", "probe"}),
+    "attack": frozenset({"inflate_examples", "fake_residual", "fake_accuracy", "fake_time", "fake_steps",
+                         "negative_metric", "nan_update", "wrong_shape", "crash", "silent"}),
+    "profile": frozenset({"phone-low", "phone-mid", "phone-flagship", "rpi-4", "rpi-5", "laptop-cpu",
+                          "edge-server"}),
+    "upload": frozenset({"float32", "float16", "int8"}),
+})
+
+
 def registry(choice: str) -> Mapping[str, Any]:
     """The registry implementing ``choice`` (e.g. ``registry("solver")`` is ``fed_deq.deq.solvers.SOLVERS``)."""
     module, name = REGISTRIES[choice]
@@ -63,6 +87,8 @@ class Choice:
 
     def check(self, value: str) -> str:
         """``value`` if the registry has it, else a validation error suggesting the closest name."""
+        if value in BUILT_IN[self.choice]:  # shipped names are known without importing the registry
+            return value
         valid = names(self.choice)
         if value not in valid:
             raise failure("", f"must be one of {', '.join(valid)}, got {value!r}{did_you_mean(value, list(valid))}")
