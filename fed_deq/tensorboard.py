@@ -1,4 +1,5 @@
-"""TensorBoard scalars of a run (``fed-deq simulate --tensorboard``), written under ``DIR/tb/``.
+"""TensorBoard scalars of a run (``--tensorboard`` on simulate, compare and tune; ``tensorboard=true`` in a
+``flwr run`` run config), written under the run folder's ``tb/``.
 
 The recorder hands every finished round's metrics.jsonl record to :class:`ScalarWriter`, which writes the
 scalars below at step = round number and flushes at once, so an interrupted run keeps what it wrote. Missing

@@ -202,7 +202,7 @@ class FakeGridEngine:
         self.opened, self.runs = 0, []
 
     @contextlib.contextmanager
-    def __call__(self, scenario, jobs=1):
+    def __call__(self, scenario, jobs=1, tensorboard=False):
         self.opened += 1
 
         def run(variant, out_dir, name):

@@ -111,3 +111,90 @@ def test_simulate_passes_the_flag_on(tiny_scenario_path, tmp_path, monkeypatch):
     assert seen == {"tensorboard": True}
     assert cli_main(["simulate", str(tiny_scenario_path), "--out", str(tmp_path / "b"), "--no-progress"]) == 0
     assert seen == {"tensorboard": False}
+
+
+def test_a_study_engine_passes_the_flag_to_every_run(tiny_scenario_path, tmp_path, monkeypatch):
+    import contextlib
+    import json
+
+    from tools import runs
+
+    scenario = load_scenario(tiny_scenario_path)
+    seen = []
+
+    def fake_simulate(variant, out_dir, *, name, progress, engine=None, tensorboard=False):
+        seen.append(("in process", tensorboard))
+        return {}
+
+    monkeypatch.setattr("tools.simulate.simulate", fake_simulate)
+    monkeypatch.setattr("tools.simulate.open_engine", lambda s: contextlib.nullcontext("engine"))
+    for flag in (True, False):
+        with runs.study_engine(scenario, 1, tensorboard=flag) as run:
+            run(scenario, tmp_path / f"one-{flag}", "tiny")
+
+    class Finished:
+        returncode = 0
+
+    def fake_child(command, **kwargs):  # a child `fed-deq simulate`: only its command line matters here
+        seen.append(("child", "--tensorboard" in command))
+        out = tmp_path / command[command.index("--out") + 1]
+        (out / results.SUMMARY_FILE).write_text(json.dumps({"rounds": 0}))
+        return Finished()
+
+    monkeypatch.setattr(runs.subprocess, "run", fake_child)
+    for flag in (True, False):
+        with runs.study_engine(scenario, 2, tensorboard=flag) as run:
+            run(scenario, tmp_path / f"two-{flag}", "tiny")
+    assert seen == [("in process", True), ("in process", False), ("child", True), ("child", False)]
+
+
+@pytest.mark.parametrize("command", [
+    ["compare", "--rules", "quality"],
+    ["tune", "--trials", "1", "--test-seeds", "0"],
+])
+def test_compare_and_tune_pass_the_flag_to_their_study_engine(command, tiny_scenario_path, tmp_path, monkeypatch):
+    import contextlib
+
+    from tools import runs
+
+    seen = []
+
+    @contextlib.contextmanager
+    def fake_engine(scenario, jobs=1, tensorboard=False):
+        seen.append(tensorboard)
+
+        def run(variant, out_dir, name):
+            return run_federation(FakeGrid(client_app, fleet_size(variant)), variant, out_dir, name=name,
+                                  tensorboard=tensorboard)
+
+        yield run
+
+    monkeypatch.setattr(runs, "study_engine", fake_engine)
+    name, *options = command
+    argv = [name, str(tiny_scenario_path), *options, "--set", "training.rounds=1"]
+    assert cli_main([*argv, "--out", str(tmp_path / "with"), "--tensorboard"]) == 0
+    assert cli_main([*argv, "--out", str(tmp_path / "without")]) == 0
+    assert seen == [True, False]
+    written = sorted((tmp_path / "with").rglob(TB_DIR))
+    assert written and all(read_scalars(folder)["accuracy/test"] for folder in written)
+    assert not list((tmp_path / "without").rglob(TB_DIR))
+
+
+def test_flwr_run_takes_tensorboard_from_the_run_config(tiny_scenario_path, tmp_path, single_torch_thread):
+    from flwr.app import Context, RecordDict
+
+    from fed_deq.errors import InputError
+    from server import app as server_app
+
+    def context(**extra):
+        return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={
+            "scenario": str(tiny_scenario_path), "set": "training.rounds=1", **extra})
+
+    scenario = load_scenario(tiny_scenario_path)
+    for value, writes in ((True, True), ("false", False), (False, False)):
+        out = tmp_path / f"run-{value}"
+        server_app.main(FakeGrid(client_app, fleet_size(scenario)), context(**{"out-dir": str(out),
+                                                                               "tensorboard": value}))
+        assert (out / "metrics.jsonl").exists() and (out / TB_DIR).exists() == writes
+    with pytest.raises(InputError, match="run config tensorboard: must be true or false, got 'yes'"):
+        server_app.main(FakeGrid(client_app, fleet_size(scenario)), context(tensorboard="yes"))

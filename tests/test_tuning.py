@@ -227,7 +227,6 @@ def test_parallel_trials_each_get_their_share_of_the_cores(tmp_path):
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 3  # asks are serialised: no duplicates
     cpus = max(1, (os.cpu_count() or 1) // 2)
     assert all(load_scenario(p / "scenario.yaml").simulation.num_cpus == cpus for p in runner.calls)
-    assert runs.default_runner(2) is runs.run_in_subprocess and runs.default_runner(1) is runs.run_in_process
 
 
 def test_a_study_of_another_objective_is_not_resumed(tmp_path):

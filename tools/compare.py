@@ -63,10 +63,11 @@ def study_rules(rules: Sequence[str], baseline: str) -> list[str]:
 
 def compare(scenario: Scenario, rules: Sequence[str], out_dir: str | Path, *, target: float = runs.DEFAULT_TARGET,
             seeds: int = 1, baseline: str = DEFAULT_BASELINE, name: str = "scenario", run: runs.RunFn | None = None,
-            console=None) -> Comparison:
+            console=None, tensorboard: bool = False) -> Comparison:
     """Run the scenario once per rule and seed; write compare.csv, compare_summary.csv and compare.png.
 
     All simulations run in one study engine (one Ray instance, one loaded dataset) unless ``run`` is given.
+    ``tensorboard``: each run also writes TensorBoard scalars to its folder's ``tb`` (the study engine's runs).
     """
     from rich.console import Console
 
@@ -81,7 +82,7 @@ def compare(scenario: Scenario, rules: Sequence[str], out_dir: str | Path, *, ta
     console = console or Console(stderr=True)
     rows: list[dict] = []
     curves: dict[tuple[str, int], list[dict]] = {}
-    engine = contextlib.nullcontext(run) if run is not None else runs.study_engine(scenario, 1)
+    engine = contextlib.nullcontext(run) if run is not None else runs.study_engine(scenario, 1, tensorboard)
     try:
         with engine as run_one:
             for index, ((rule, seed), variant) in enumerate(variants.items(), start=1):
@@ -209,6 +210,9 @@ def register(subparsers) -> None:
                    help="accuracy for time and bytes to target (default 0.8)")
     p.add_argument("--out", required=True,
                    help="output folder: compare.csv, compare_summary.csv, compare.png, DIR/<rule>/seed-<seed>/")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write each run's TensorBoard scalars to DIR/<rule>/seed-<seed>/tb "
+                        "(tensorboard --logdir DIR shows them side by side)")
     p.set_defaults(func=cmd_compare)
 
 
@@ -224,7 +228,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     runs.check_target(args.target)
     scenario = load_from_args(args)
     comparison = compare(scenario, rules, out_dir, target=args.target, seeds=args.seeds, baseline=args.baseline,
-                         name=scenario_name(args), console=Console(stderr=True))
+                         name=scenario_name(args), console=Console(stderr=True), tensorboard=args.tensorboard)
     Console().print(compare_table(comparison, args.target))
     print(f"outputs in {out_dir}/ (compare.csv, compare_summary.csv, compare.png, one folder per rule and seed)")
     return 0

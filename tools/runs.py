@@ -9,6 +9,7 @@ without Ray.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import subprocess
@@ -60,21 +61,24 @@ def with_values(scenario: Scenario, section: str, values: Mapping[str, Any], sou
 # Runners
 
 
-def run_in_process(scenario: Scenario, out_dir: Path, name: str, engine=None) -> dict:
+def run_in_process(scenario: Scenario, out_dir: Path, name: str, engine=None, *, tensorboard: bool = False) -> dict:
     """One simulation through Flower + Ray in this process: on ``engine`` (a ``tools.engine.RayEngine``, left
-    running for the next run) if given, else on a Ray instance started and stopped for this run alone."""
+    running for the next run) if given, else on a Ray instance started and stopped for this run alone.
+    ``tensorboard``: also write the run's TensorBoard scalars to ``out_dir/tb``."""
     from tools.simulate import simulate
 
-    return simulate(scenario, out_dir, name=name, progress=False, engine=engine)
+    return simulate(scenario, out_dir, name=name, progress=False, engine=engine, tensorboard=tensorboard)
 
 
-def run_in_subprocess(scenario: Scenario, out_dir: Path, name: str) -> dict:
-    """One simulation in a ``fed-deq simulate`` child process: Ray is per process, so parallel runs need one each."""
+def run_in_subprocess(scenario: Scenario, out_dir: Path, name: str, *, tensorboard: bool = False) -> dict:
+    """One simulation in a ``fed-deq simulate`` child process: Ray is per process, so parallel runs need one each.
+    ``tensorboard``: as for ``run_in_process``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     source = out_dir / "input" / f"{name}.yaml"  # the file stem names the run
     source.parent.mkdir(exist_ok=True)
     dump_scenario(scenario, source)
-    command = [sys.executable, "-m", "tools.cli", "simulate", str(source), "--out", str(out_dir), "--no-progress"]
+    command = [sys.executable, "-m", "tools.cli", "simulate", str(source), "--out", str(out_dir), "--no-progress",
+               *(["--tensorboard"] if tensorboard else [])]
     log_path = out_dir / "simulate.log"
     with open(log_path, "w", encoding="utf-8") as log:
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
@@ -86,23 +90,19 @@ def run_in_subprocess(scenario: Scenario, out_dir: Path, name: str) -> dict:
     return json.loads((out_dir / results.SUMMARY_FILE).read_text(encoding="utf-8"))
 
 
-def default_runner(jobs: int) -> RunFn:
-    """In-process runs for one job at a time; a child process per run when several run at once."""
-    return run_in_process if jobs == 1 else run_in_subprocess
-
-
 @contextlib.contextmanager
-def study_engine(scenario: Scenario, jobs: int = 1) -> Iterator[RunFn]:
+def study_engine(scenario: Scenario, jobs: int = 1, tensorboard: bool = False) -> Iterator[RunFn]:
     """The runner a study (compare, tune) uses for all its simulations, set up once for the whole study.
 
     One job: every run goes through this process's one Ray instance and one pool of client actors, started
     by the first run (so a study that fails before it starts none) and stopped when the block ends, however
     it ends (``scenario.simulation`` says how: ``num_cpus``, ``ray_address``; see tools/engine.py). Several
     jobs: each run in a child process with its own Ray (Ray is one per process). Generated datasets come
-    from the on-disk cache either way (fed_deq/datacache.py).
+    from the on-disk cache either way (fed_deq/datacache.py). ``tensorboard``: every run also writes its
+    TensorBoard scalars to its own ``tb`` folder, so ``tensorboard --logdir STUDY_DIR`` shows them side by side.
     """
     if jobs != 1:
-        yield run_in_subprocess
+        yield functools.partial(run_in_subprocess, tensorboard=tensorboard)
         return
     from tools.simulate import open_engine
 
@@ -112,7 +112,7 @@ def study_engine(scenario: Scenario, jobs: int = 1) -> Iterator[RunFn]:
         def run(variant: Scenario, out_dir: Path, name: str) -> dict:
             if not engines:
                 engines.append(stack.enter_context(open_engine(scenario)))
-            return run_in_process(variant, out_dir, name, engine=engines[0])
+            return run_in_process(variant, out_dir, name, engine=engines[0], tensorboard=tensorboard)
 
         yield run
 

@@ -214,8 +214,9 @@ def quiet_optuna() -> Iterator[None]:
 
 
 def tune(scenario: Scenario, out_dir: str | Path, settings: TuneSettings, *, name: str = "scenario",
-         run: runs.RunFn | None = None, console=None) -> dict:
-    """Run the trials still missing to reach ``settings.trials``; write trials.csv, best.yaml and the plots."""
+         run: runs.RunFn | None = None, console=None, tensorboard: bool = False) -> dict:
+    """Run the trials still missing to reach ``settings.trials``; write trials.csv, best.yaml and the plots.
+    ``tensorboard``: every simulation also writes TensorBoard scalars to its run folder's ``tb``."""
     from rich.console import Console
 
     settings.check()
@@ -224,7 +225,8 @@ def tune(scenario: Scenario, out_dir: str | Path, settings: TuneSettings, *, nam
     check_existing_study(out_dir, scenario, settings)
     console = console or Console(stderr=True)
     # One engine for every simulation of the tune, the test-set re-runs included.
-    engine = contextlib.nullcontext(run) if run is not None else runs.study_engine(scenario, settings.jobs)
+    engine = contextlib.nullcontext(run) if run is not None else runs.study_engine(scenario, settings.jobs,
+                                                                                   tensorboard)
     with quiet_optuna(), exclusive_dir(out_dir), engine as run_one:
         objective = Objective(scenario, settings, out_dir, name, run_one)
         study = open_study(out_dir, scenario, settings)
@@ -315,6 +317,9 @@ def register(subparsers) -> None:
                    help="trials at once (default 1: one simulation already uses every core)")
     p.add_argument("--out", required=True,
                    help="study folder: optuna.db, trials/, trials.csv, best.yaml, best_test.csv, tuning.png, ...")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write each simulation's TensorBoard scalars to its run folder's tb "
+                        "(tensorboard --logdir DIR shows every trial)")
     p.set_defaults(func=cmd_tune)
 
 
@@ -334,7 +339,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     console.print(f"[bold]fed-deq tune[/] {args.scenario}: {settings.trials} trials × {settings.seeds} seed(s), "
                   f"{settings.objective} on the server's validation split → {out_dir}")
-    summary = tune(scenario, out_dir, settings, name=scenario_name(args), console=console)
+    summary = tune(scenario, out_dir, settings, name=scenario_name(args), console=console,
+                   tensorboard=args.tensorboard)
     if summary["best_number"] is None:
         raise RunFailed(f"no trial completed ({summary['failed']} failed); see {out_dir}/trials.csv")
     console.print(f"best trial #{summary['best_number']}: {settings.objective} = {summary['best_value']:.4g} "
