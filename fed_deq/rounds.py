@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from fed_deq import adversary, fleet, fusion, screening, workload
+from fed_deq import adversary, collusion, fleet, fusion, screening, workload
 from fed_deq.audit import Auditor
 from fed_deq.round_data import Arrays, Instruction, OpenRound, Reply, RoundReport  # noqa: F401 - re-exported
 from fed_deq.rules import FUSION_RULES, FusionInputs
@@ -325,6 +325,8 @@ def run_rounds(driver: RoundDriver, recorder, exchange: Exchange,
     short is neither fused nor recorded, so metrics.jsonl holds finished rounds only.
     """
     stopped = stop_requested or (lambda: False)
+    # The colluders' network (ALIE, IPM), between the clients and the server's screening: fed_deq/collusion.py.
+    side_channel = collusion.side_channel(driver.scenario)
     arrays = driver.initial_arrays()
     recorder.initial_model(arrays)
     for server_round in range(1, driver.scenario.training.rounds + 1):
@@ -334,6 +336,8 @@ def run_rounds(driver: RoundDriver, recorder, exchange: Exchange,
         replies, offline = exchange(open_round)
         if stopped():
             break
+        if side_channel is not None:
+            replies = side_channel.rewrite(open_round, replies)
         arrays, report = driver.close_round(open_round, replies, offline)
         recorder.record_round(server_round, arrays, report)
     return arrays

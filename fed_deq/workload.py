@@ -189,20 +189,33 @@ def run_client_round(
         warm_start = None
     gen = torch.Generator().manual_seed(int(seeding.rng(scenario.seed, "shuffle", server_round,
                                                       partition_id).integers(2**31)))
-    result, bank = train_local(model, local.x_train, local.y_train, cfg=cfg, forward_budget=budget.forward,
+    stage = adversary.stage_of(attack)
+    y_train = adversary.flip_labels(local.y_train, bundle.num_classes) if stage == "data" else local.y_train
+    result, bank = train_local(model, local.x_train, y_train, cfg=cfg, forward_budget=budget.forward,
                                backward_budget=budget.backward, generator=gen, warm_start=warm_start,
                                reuse_fixed_points=t.warm_start)
+    if stage == "update":
+        poison_model(scenario, attack, model, global_arrays, server_round, partition_id)
     wire, sent = encode_upload(model, t.upload)
     val = validate(scenario, model, local, budget)
     compute_s, comm_s = round_clock(scenario, device, model, result.work, server_round=server_round,
                                     bytes_down=arrays_nbytes(global_arrays), bytes_up=arrays_nbytes(wire))
     metrics = _round_metrics(scenario, budget, result, val, server_round, partition_id, compute_s, comm_s)
-    if attack is not None:
+    if stage == "reply":
         # The attack rewrites what an honest client would send; what it sends is then encoded like any upload.
         attacked, metrics = adversary.apply(attack, sent, metrics)
         wire = quantize.encode(attacked, t.upload)
     keep = bank if t.warm_start else np.zeros((0,), np.float32)  # nothing to carry to the next round
     return ClientRound(arrays=wire, metrics=metrics, warm_start=keep)
+
+
+def poison_model(scenario: Scenario, attack: str, model: nn.Module, global_arrays: Arrays, server_round: int,
+                 partition_id: int) -> None:
+    """Replace the trained model by the one a model-poisoning attacker sends (fed_deq/adversary.py), before it
+    is validated and encoded, so every claim the client makes agrees with the poisoned model."""
+    rng = seeding.rng(scenario.seed, "attack", server_round, partition_id)
+    value = adversary.parameter_value(scenario, partition_id, attack)
+    load_arrays(model, adversary.poison(attack, value, model_arrays(model), global_arrays, rng))
 
 
 def encode_upload(model: nn.Module, encoding: str) -> tuple[Arrays, Arrays]:

@@ -58,7 +58,7 @@ def _mount(attack, reply):
     return dataclasses.replace(reply, arrays=forged_arrays, metrics=forged_metrics)
 
 
-@pytest.mark.parametrize("attack", [a for a in adversary.ATTACKS if a != "silent"])
+@pytest.mark.parametrize("attack", [a for a in adversary.REPLY_ATTACKS if a != "silent"])
 def test_each_attack_alone_on_the_default_scenario(default_round, attack):
     driver, arrays, replies = default_round
     victim = max(replies)  # any instructed client will do
@@ -103,7 +103,7 @@ def test_all_attacks_mixed_on_the_default_scenario_run_to_the_end(tmp_path):
     summary = run_federation(FakeGrid(client_app, fleet_size(scenario)), scenario, tmp_path / "out")
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     planted = summary["adversaries"]
-    assert sorted(planted.values()) == sorted(adversary.ATTACKS)
+    assert sorted(planted.values()) == sorted(adversary.REPLY_ATTACKS)
     assert len(records) == 2 and summary["faults"]["rounds_not_fused"] == 0
     seen = set()
     for record in records:
@@ -117,7 +117,7 @@ def test_all_attacks_mixed_on_the_default_scenario_run_to_the_end(tmp_path):
             seen.add(attack)
         assert not set(planted) & set(record["fusion_weights"])
         assert record["clients_completed"] >= 5 and sum(record["fusion_weights"].values()) == pytest.approx(1.0)
-    assert seen == set(adversary.ATTACKS)  # every attack was mounted at least once and named
+    assert seen == set(adversary.REPLY_ATTACKS)  # every attack was mounted at least once and named
     assert summary["final_accuracy"] > summary["initial_accuracy"]
 
 

@@ -92,7 +92,7 @@ def test_the_round_loop_records_finished_rounds_only():
             stop.set()  # Ctrl-C while round 3's clients are training
         return [], []
 
-    driver = SimpleNamespace(scenario=SimpleNamespace(training=SimpleNamespace(rounds=10)),
+    driver = SimpleNamespace(scenario=SimpleNamespace(training=SimpleNamespace(rounds=10), adversaries=()),
                              initial_arrays=lambda: "initial", open_round=lambda r, arrays: r,
                              close_round=lambda r, replies, offline: closed.append(r) or (f"after {r}", None))
     recorder = SimpleNamespace(initial_model=lambda arrays: None,

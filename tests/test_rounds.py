@@ -112,7 +112,7 @@ def test_the_driver_matches_flowers_fedavg_on_the_same_replies(honest):
         np.testing.assert_allclose(arrays[key], value, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("attack", [a for a in adversary.ATTACKS if a not in ("crash", "silent")])
+@pytest.mark.parametrize("attack", [a for a in adversary.REPLY_ATTACKS if a not in ("crash", "silent")])
 def test_each_attack_alone_is_caught_with_its_symptom_and_gets_no_weight(honest, attack):
     _, driver, replies = honest
     victim = 2

@@ -210,11 +210,16 @@ def _check_simulation(scenario: Scenario) -> None:
                                              f"({int(cpus) if cpus.is_integer() else cpus}), got {sim.num_cpus}")
 
 
+#: The parameter fields of an adversaries entry (fed_deq/adversary.py PARAMETERS).
+ATTACK_PARAMETERS = ("sigma", "factor", "z", "epsilon")
+
+
 def _check_adversaries(scenario: Scenario) -> None:
-    """Known tier, and never more adversaries in a tier than it has devices."""
+    """Known tier, never more adversaries in a tier than it has devices, and only the attack's own parameter."""
     counts = tier_counts(scenario)
     planted: dict[str, int] = {}
     for i, entry in enumerate(scenario.adversaries):
+        _check_attack_parameters(i, entry)
         if entry.tier not in counts:
             valid = list(counts)
             raise failure(f"adversaries.{i}.tier", f"unknown tier {entry.tier!r}{did_you_mean(entry.tier, valid)}; "
@@ -223,3 +228,12 @@ def _check_adversaries(scenario: Scenario) -> None:
         if planted[entry.tier] > counts[entry.tier]:
             raise failure(f"adversaries.{i}.count", f"{planted[entry.tier]} adversaries planted in tier "
                                                     f"{entry.tier!r}, which has {counts[entry.tier]} devices")
+
+
+def _check_attack_parameters(index: int, entry: AdversaryConfig) -> None:
+    """A parameter set on an adversaries entry must be the one its attack takes (fed_deq/adversary.py)."""
+    takes = registry("attack")[entry.attack].parameter
+    for name in ATTACK_PARAMETERS:
+        if getattr(entry, name) is not None and name != takes:
+            also = f" (it takes {takes})" if takes else " (it takes no parameter)"
+            raise failure(f"adversaries.{index}.{name}", f"the {entry.attack} attack has no {name}{also}")

@@ -276,12 +276,24 @@ class SimulationConfig(Section):
 
 
 class AdversaryConfig(_OneOf):
-    """Misbehaving clients: ``count`` (or ``share``) devices of ``tier`` mount ``attack`` every round."""
+    """Misbehaving clients: ``count`` (or ``share``) devices of ``tier`` mount ``attack`` every round.
+
+    An attack takes at most one parameter (fed_deq/adversary.py says which, and its default): ``sigma``
+    (gaussian), ``factor`` (scale), ``z`` (alie; unset: Baruch et al.'s value for the round), ``epsilon`` (ipm).
+    """
 
     tier: Name
     attack: Annotated[str, Choice("attack")]
     count: Annotated[int | None, Field(ge=0)] = None
     share: Annotated[float | None, Field(ge=0, le=1)] = None
+    sigma: Annotated[float | None, Field(gt=0, allow_inf_nan=False)] = None
+    """gaussian: standard deviation of the noise sent in place of the update"""
+    factor: Annotated[float | None, Field(gt=0, allow_inf_nan=False)] = None
+    """scale: the update is multiplied by it (model replacement)"""
+    z: Annotated[float | None, Field(gt=0, allow_inf_nan=False)] = None
+    """alie: standard deviations below the colluders' mean"""
+    epsilon: Annotated[float | None, Field(gt=0, allow_inf_nan=False)] = None
+    """ipm: the colluders send −epsilon times their mean update"""
 
     @model_validator(mode="after")
     def _count_or_share(self) -> AdversaryConfig:

@@ -7,6 +7,7 @@ counts (never the client's).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -32,10 +33,27 @@ FLOWER_STRATEGIES: Mapping[str, Callable[[Any], Strategy]] = MappingProxyType({
 })
 
 
+#: Flower's warning when a strategy is built with ``fraction_evaluate=0`` — on purpose here (see ``_COMMON``).
+_EVALUATION_OFF_NOTICE = "Federated evaluation will be skipped"
+
+
+def _drop_evaluation_notice(record: logging.LogRecord) -> bool:
+    return _EVALUATION_OFF_NOTICE not in record.getMessage()
+
+
 def flower_strategy(scenario: Scenario) -> Strategy | None:
-    """Flower's strategy for a robust ``fusion.rule``, configured from the scenario; None for fed-deq's rules."""
+    """Flower's strategy for a robust ``fusion.rule``, configured from the scenario; None for fed-deq's rules.
+
+    Built without Flower's warning that federated evaluation is off, which every run would print otherwise."""
     make = FLOWER_STRATEGIES.get(scenario.fusion.rule)
-    return make(scenario.fusion) if make is not None else None
+    if make is None:
+        return None
+    logger = logging.getLogger("flwr")
+    logger.addFilter(_drop_evaluation_notice)
+    try:
+        return make(scenario.fusion)
+    finally:
+        logger.removeFilter(_drop_evaluation_notice)
 
 
 def robust_fuser(scenario: Scenario) -> Fuser | None:
