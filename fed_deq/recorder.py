@@ -16,7 +16,8 @@ from fed_deq import adversary, results
 from fed_deq.tensorboard import TB_DIR, ScalarWriter
 from fed_deq.rounds import RoundReport
 from fed_deq.scenario import Scenario, dump_scenario
-from fed_deq.workload import Arrays, build_scenario_model, evaluate_global, scenario_data, tier_eval_budgets
+from fed_deq.workload import (Arrays, build_scenario_model, evaluate_adversarial, evaluate_global, scenario_data,
+                              tier_eval_budgets)
 
 #: The run's status marker beside metrics.jsonl, rewritten atomically at each step (see RunRecorder):
 #: {"rounds": R, "rounds_done": n, "running_round": r or null, "finished": bool}. `deploy-local` watches it
@@ -47,6 +48,7 @@ class RunRecorder:
         self.tier_budgets = tier_eval_budgets(scenario, self.model)
         self.metrics: list[dict] = []
         self.initial: dict | None = None
+        self._last_model: Arrays | None = None  # saved as model.npz by finish (fed-deq attack-eval reads it)
         self.sim_time_s = 0.0
         self.total_bytes = 0
         self._tensorboard = tensorboard     # also write TensorBoard scalars to out_dir/tb (fed_deq/tensorboard.py)
@@ -107,8 +109,11 @@ class RunRecorder:
                   "accuracy_by_tier": evaluation["accuracy_by_tier"],
                   "eval_iterations": evaluation["eval_iterations"],
                   "eval_rel_residual": evaluation["eval_rel_residual"],
-                  "server_val_accuracy": evaluation["server_val_accuracy"],
-                  "wall_time_s": time.perf_counter() - self._started}
+                  "server_val_accuracy": evaluation["server_val_accuracy"]}
+        if self._attacks_round(server_round):
+            record["adversarial"] = evaluate_adversarial(self.scenario, self.model, arrays, self.tier_budgets)
+        record["wall_time_s"] = time.perf_counter() - self._started
+        self._last_model = {key: value.copy() for key, value in arrays.items()}
         self._writer.write_round(record)
         self.metrics.append(record)
         if self._tb is not None:
@@ -119,6 +124,11 @@ class RunRecorder:
                       f"{record['clients_completed']}/{record['clients_sampled']} clients")
             self._progress.update(self._task, advance=1, status=status)
         return record
+
+    def _attacks_round(self, server_round: int) -> bool:
+        """Whether this round's model is attacked: the final round, or every round if the scenario says so."""
+        settings = self.scenario.evaluation.adversarial
+        return settings is not None and (settings.every_round or server_round == self.scenario.training.rounds)
 
     def finish(self, extra: dict | None = None, *, interrupted: bool = False) -> dict:
         """Write summary.json (with ``extra`` keys from the runner) and accuracy.png; return the summary.
@@ -135,7 +145,12 @@ class RunRecorder:
         summary["faults"]["rounds_not_fused"] = sum(1 for m in self.metrics if m.get("fusion_error"))
         summary["adversaries"] = {str(pid): attack for pid, attack in adversary.assign(self.scenario).items()}
         summary["interrupted"] = interrupted
+        attacked = [m["adversarial"] for m in self.metrics if m.get("adversarial")]
+        if attacked:
+            summary["adversarial"] = attacked[-1]
         summary.update(extra or {})
+        if self._last_model is not None:
+            results.write_model(self.out_dir, self._last_model)
         results.write_summary(self.out_dir, summary)
         if self.metrics:
             results.plot_accuracy(self.metrics, self.out_dir / "accuracy.png")

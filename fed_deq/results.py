@@ -23,6 +23,8 @@ from fed_deq.errors import InputError
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 SCENARIO_FILE = "scenario.yaml"
+#: The last recorded global model of a run, as numpy arrays keyed by state-dict name (``fed-deq attack-eval``).
+MODEL_FILE = "model.npz"
 #: The accuracy a summary's ``sim_time_to_target_s`` and ``bytes_to_target`` are measured to.
 DEFAULT_TARGET = 0.8
 
@@ -118,6 +120,24 @@ def write_scenario(out_dir: str | os.PathLike, yaml_text: str) -> Path:
         raise InputError(f"results: scenario text must be a string, got {type(yaml_text).__name__}")
     path = Path(out_dir) / SCENARIO_FILE
     return write_atomic(path, yaml_text)
+
+
+def write_model(out_dir: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> Path:
+    """Atomically write a global model to ``out_dir/model.npz`` (uncompressed numpy arrays); returns the path."""
+    return write_atomic(Path(out_dir) / MODEL_FILE, lambda handle: np.savez(handle, **dict(arrays)))
+
+
+def read_model(run_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The global model a run saved (``run_dir/model.npz``); InputError naming the file if it is missing or
+    unreadable."""
+    path = Path(run_dir) / MODEL_FILE
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            return {key: stored[key] for key in stored.files}
+    except FileNotFoundError:
+        raise InputError(f"{path}: no saved model (runs save model.npz when they finish)") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable model file ({exc})") from None
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

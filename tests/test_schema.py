@@ -36,7 +36,7 @@ def test_the_schema_names_its_dialect_and_what_it_describes(printed_schema):
     assert printed_schema["title"] == "fed-deq scenario"
     assert printed_schema["additionalProperties"] is False
     assert set(printed_schema["properties"]) == {"seed", "dataset", "model", "fleet", "training", "fusion",
-                                                  "simulation", "adversaries"}
+                                                  "simulation", "evaluation", "adversaries"}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)

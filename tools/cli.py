@@ -1,4 +1,5 @@
-"""The `fed-deq` command line: simulate, validate, schema, compare, tune, compose and deploy-local."""
+"""The `fed-deq` command line: simulate, validate, schema, compare, robustness, attack-eval, tune, compose and
+deploy-local."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import threading
 from pathlib import Path
 
 from fed_deq.errors import InputError, RunFailed
-from tools import compare, deploy, robustness, tune
+from tools import attack_eval, compare, deploy, robustness, tune
 from tools.args import add_scenario_args, checked_out_dir, default_scenario, load_from_args, scenario_name
 
 DESCRIPTION = """\
@@ -126,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "line at the top of a scenario.")
     p.add_argument("--out", metavar="FILE", help="write the schema to FILE instead of printing it")
     p.set_defaults(func=cmd_schema)
-    for module in (compare, robustness, tune, deploy):
+    for module in (compare, robustness, attack_eval, tune, deploy):
         module.register(sub)
     return parser
 

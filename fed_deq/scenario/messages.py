@@ -57,11 +57,15 @@ def type_name(value: Any) -> str:
 
 
 def model_of(annotation: Any) -> type[BaseModel] | None:
-    """The section model a field holds, or the item model of a list field; None for a plain value."""
+    """The section model a field holds (also an optional one), or the item model of a list field; None for a
+    plain value."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     if typing.get_origin(annotation) is tuple:
         return model_of(typing.get_args(annotation)[0])
+    inner = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    if len(inner) == 1 and len(typing.get_args(annotation)) == 2:  # an optional section, ``Section | None``
+        return model_of(inner[0])
     return None
 
 

@@ -8,7 +8,7 @@ registries (choices.py) and rules spanning keys are model validators (checks.py)
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
 
@@ -275,6 +275,49 @@ class SimulationConfig(Section):
     """wall seconds before a round closes without the missing replies (a dead worker must not stall a run)"""
 
 
+class AdversarialEvalConfig(Section):
+    """Robust accuracy of the final global model under input attacks, through the solver (fed_deq/adversarial.py)."""
+
+    attack: Literal["pgd"] = "pgd"
+    """projected gradient ascent on the loss (with ``intermediate``: also Yang et al.'s intermediate-state attack)"""
+    norm: Literal["linf", "l2"] = "linf"
+    eps: tuple[NonNegative, ...] = (0.0, 0.05, 0.1, 0.2)
+    """attack radii in input units; 0 gives the clean accuracy"""
+    steps: AtLeastOne = 10
+    step_size: Positive | None = None
+    """per step; default 2.5 * eps / steps"""
+    samples: AtLeastOne = 512
+    """test samples attacked (the first ones of the shuffled test set)"""
+    intermediate: bool = True
+    """also attack random intermediate states of the solver's dynamics (Yang et al.; DEQ models only)"""
+    adjoint_iterations: AtLeastOne = 30
+    """vector-Jacobian products of the implicit gradient the attacker takes through the solve"""
+    every_round: bool = False
+    """attack every round's model, not only the final one"""
+
+    @field_validator("eps", mode="before")
+    @classmethod
+    def _eps_list(cls, value: Any) -> tuple:
+        values = _list_of(value, "radii")
+        if not values:
+            raise failure("", "must list at least one radius")
+        return values
+
+    @field_validator("eps", mode="after")
+    @classmethod
+    def _distinct(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if len(set(value)) != len(value):
+            raise failure("", f"lists a radius more than once: {list(value)}")
+        return value
+
+
+class EvaluationConfig(Section):
+    """What the server measures on the global model besides its test accuracy."""
+
+    adversarial: AdversarialEvalConfig | None = None
+    """robust accuracy under attack at the evaluation budget and each tier's (default: not measured)"""
+
+
 class AdversaryConfig(_OneOf):
     """Misbehaving clients: ``count`` (or ``share``) devices of ``tier`` mount ``attack`` every round.
 
@@ -313,6 +356,7 @@ class Scenario(Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig, validate_default=True)
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     adversaries: tuple[AdversaryConfig, ...] = ()
 
     @field_validator("fleet", mode="after")
