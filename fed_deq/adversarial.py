@@ -35,28 +35,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fed_deq import seeding
+from fed_deq.scenario.schema import AdversarialEvalConfig as AttackSettings
 
 #: Inputs classified (and attacked) together, as training.evaluate batches them.
 BATCH = 512
 ATTACKS = ("pgd", "intermediate")
 
 
-@dataclass(frozen=True)
-class AttackSettings:
-    """What the attacks do (the scenario's ``evaluation.adversarial`` section, as plain values)."""
-
-    norm: str = "linf"
-    eps: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2)
-    steps: int = 10
-    step_size: float | None = None
-    samples: int = 512
-    intermediate: bool = True
-    adjoint_iterations: int = 30
-    random_start: bool = True
-
-    def step_for(self, eps: float) -> float:
-        """The step size at ``eps``: the configured one, else Madry et al.'s 2.5·ε/steps."""
-        return self.step_size if self.step_size is not None else 2.5 * eps / self.steps
+def step_size(settings: AttackSettings, eps: float) -> float:
+    """The step size at ``eps``: the configured one, else Madry et al.'s 2.5·ε/steps."""
+    return settings.step_size if settings.step_size is not None else 2.5 * eps / settings.steps
 
 
 @dataclass(frozen=True)
@@ -179,7 +167,7 @@ def attacked(model: nn.Module, x: Tensor, y: Tensor, solve: Solve, settings: Att
             def gradient(xa: Tensor, step: int, yb=yb, depths=depths) -> Tensor:
                 return intermediate_gradient(model, xa, yb, int(depths[step]))
         out.append(pgd(gradient, xb, eps=eps, norm=settings.norm, steps=settings.steps,
-                       step_size=settings.step_for(eps), generator=generator if settings.random_start else None))
+                       step_size=step_size(settings, eps), generator=generator))
     return torch.cat(out) if out else x.clone()
 
 
@@ -221,7 +209,7 @@ def evaluate_under_attack(model: nn.Module, x: np.ndarray, y: np.ndarray, *, sol
         by_budget[budget] = robust_accuracy(model, x, y, Solve(solver, int(budget), tol), settings,
                                             (*seed, "budget", int(budget)), attacks=attacks, on_step=on_step)
     return {"norm": settings.norm, "eps": [float(e) for e in settings.eps], "steps": settings.steps,
-            "step_size": [settings.step_for(float(e)) for e in settings.eps], "samples": n,
+            "step_size": [step_size(settings, float(e)) for e in settings.eps], "samples": n,
             "gradient": (f"implicit (adjoint fixed point, {settings.adjoint_iterations} iterations)"
                          if dynamics else "backpropagation through the fixed depth"),
             "budgets": dict(budgets), "attacks": list(attacks),

@@ -302,25 +302,15 @@ def evaluate_global(scenario: Scenario, model: nn.Module, arrays: Arrays,
             "eval_rel_residual": main.rel_residual, "accuracy_by_tier": by_tier, "server_val_accuracy": server_val}
 
 
-def attack_settings(scenario: Scenario):
-    """The scenario's ``evaluation.adversarial`` section as fed_deq.adversarial.AttackSettings (None if unset)."""
-    from fed_deq.adversarial import AttackSettings
-
-    a = scenario.evaluation.adversarial
-    if a is None:
-        return None
-    return AttackSettings(norm=a.norm, eps=tuple(a.eps), steps=a.steps, step_size=a.step_size, samples=a.samples,
-                          intermediate=a.intermediate, adjoint_iterations=a.adjoint_iterations)
-
-
 def evaluate_adversarial(scenario: Scenario, model: nn.Module, arrays: Arrays, tier_budgets: dict[str, int],
                          settings=None, on_step=None) -> dict:
     """Robust test accuracy of the global model ``arrays`` under the scenario's attacks (``settings``: an
-    AttackSettings overriding the scenario's), at the evaluation budget ("eval") and at each tier's budget;
-    see fed_deq/adversarial.py. Seeded by the scenario: the same model gives the same figures."""
+    ``evaluation.adversarial`` section to use instead of the scenario's), at the evaluation budget ("eval")
+    and at each tier's budget; see fed_deq/adversarial.py. Seeded by the scenario: the same model gives the
+    same figures."""
     from fed_deq.adversarial import evaluate_under_attack
 
-    settings = settings or attack_settings(scenario)
+    settings = settings or scenario.evaluation.adversarial
     if settings is None:
         raise ValueError("the scenario has no evaluation.adversarial section and no settings were given")
     bundle = scenario_data(scenario)

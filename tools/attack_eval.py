@@ -41,8 +41,7 @@ def attack_run(run_dir: Path, overrides: list[str], console=None) -> dict:
 
     from fed_deq.adversarial import attack_steps
     from fed_deq.deq import is_fixed_depth
-    from fed_deq.workload import (attack_settings, build_scenario_model, evaluate_adversarial, load_arrays,
-                                  scenario_data, tier_eval_budgets)
+    from fed_deq.workload import build_scenario_model, evaluate_adversarial, load_arrays, scenario_data, tier_eval_budgets
 
     scenario, arrays = load_run(run_dir, overrides)
     torch.set_num_threads(1)  # as the run's recorder evaluated: the same float sums, the same figures
@@ -53,7 +52,7 @@ def attack_run(run_dir: Path, overrides: list[str], console=None) -> dict:
         raise InputError(f"{run_dir / results.MODEL_FILE}: does not fit the run's model: "
                          f"{' '.join(str(exc).split())[:200]}") from None
     budgets = tier_eval_budgets(scenario, model)
-    settings = attack_settings(scenario)
+    settings = scenario.evaluation.adversarial
     total = attack_steps(settings, {"eval": scenario.model.eval_iterations, **budgets},
                          not is_fixed_depth(scenario.model.kind))
     with Progress(TextColumn("[bold]attack-eval"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
