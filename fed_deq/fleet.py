@@ -177,7 +177,7 @@ def local_steps(samples: int, batch_size: int, epochs: int) -> int:
 
 
 def max_work(*, samples: int, batch_size: int, epochs: int, forward: int, backward: int,
-             backward_mode: str) -> WorkCounts:
+             backward_mode: str, attack_steps: int = 0, intermediate_states: bool = False) -> WorkCounts:
     """The most work a client can do in a round with per-solve budget (forward, backward): a hard bound.
 
     Every batch runs the whole forward budget on the whole batch (the solver never calls f more than
@@ -191,6 +191,12 @@ def max_work(*, samples: int, batch_size: int, epochs: int, forward: int, backwa
       the adjoint solver makes at most k - 2 steps (charged as solver steps like the forward's forward - 1).
 
     ``local_steps(samples, batch_size, epochs)`` model forwards, so as many weight normalisations.
+
+    Adversarial training (``training.adversarial``): each of the ``attack_steps`` PGD steps of a batch is a
+    model call at the same budgets with its gradient path run to the input, charged as one more training
+    pass; ``intermediate_states`` adds, per batch, an unrolled pass of at most ``forward`` steps with
+    autograd (``forward`` recomputed f, ``forward - 1`` state VJPs, one encoder + head pass, one weight
+    normalisation).
     """
     if backward_mode not in ("one-step", "phantom", "implicit"):
         raise ValueError(f"unknown backward mode {backward_mode!r}; valid: one-step, implicit, phantom")
@@ -206,23 +212,38 @@ def max_work(*, samples: int, batch_size: int, epochs: int, forward: int, backwa
     else:
         grad, vjp, adjoint = 1, k, k - 1
     solver_steps = (int(forward) - 1) + max(adjoint - 1, 0)
-    return WorkCounts(solve_evals=passes * forward, grad_evals=passes * grad, vjp_evals=passes * vjp,
-                      samples=passes, norm_calls=float(steps), solver_steps=passes * solver_steps)
+    calls = 1 + int(attack_steps)  # the training pass and the attack's passes, all alike
+    work = WorkCounts(solve_evals=calls * passes * forward, grad_evals=calls * passes * grad,
+                      vjp_evals=calls * passes * vjp, samples=calls * passes, norm_calls=float(calls * steps),
+                      solver_steps=calls * passes * solver_steps)
+    if intermediate_states:
+        work = work + intermediate_work(passes, steps, int(forward))
+    return work
 
 
-def unroll_work(*, samples: int, batch_size: int, epochs: int, depth: int) -> WorkCounts:
+def intermediate_work(passes: float, steps: int, depth: int) -> WorkCounts:
+    """The most an intermediate-state loss costs: per sample an unrolled pass of ``depth`` steps with autograd
+    (each f recomputed and differentiated into the weights, ``depth - 1`` state VJPs), an encoder + head pass,
+    and one weight normalisation per batch."""
+    return WorkCounts(solve_evals=0.0, grad_evals=passes * depth, vjp_evals=passes * max(depth - 1, 0),
+                      samples=passes, norm_calls=float(steps))
+
+
+def unroll_work(*, samples: int, batch_size: int, epochs: int, depth: int, attack_steps: int = 0) -> WorkCounts:
     """The work of a round of a fixed-depth model (fed_deq/deq/unrolled.py): exact, whatever the budget.
 
     Per sample and epoch, ``depth`` layers evaluated with autograd (each also differentiated into the
     weights) and ``depth - 1`` vector-Jacobian products with respect to the state (backpropagation through the
     unroll; layer 1 starts from the constant 0); no solve, no solver steps. One weight normalisation per model
-    forward, as for the DEQ (the model's ``norm_flops`` covers all the layers it normalises).
+    forward, as for the DEQ (the model's ``norm_flops`` covers all the layers it normalises). Each of the
+    ``attack_steps`` PGD steps of adversarial training is one more such pass (backpropagated to the input).
     """
     if isinstance(depth, bool) or int(depth) != depth or depth < 1:
         raise ValueError(f"depth must be an integer >= 1, got {depth!r}")
-    passes = float(samples) * float(epochs)
+    calls = 1 + int(attack_steps)
+    passes = float(samples) * float(epochs) * calls
     return WorkCounts(solve_evals=0.0, grad_evals=passes * depth, vjp_evals=passes * (depth - 1), samples=passes,
-                      norm_calls=float(local_steps(samples, batch_size, epochs)), solver_steps=0.0)
+                      norm_calls=float(calls * local_steps(samples, batch_size, epochs)), solver_steps=0.0)
 
 
 def split_budget(total: int, backward: str, backward_iterations: int) -> Budget:
@@ -244,12 +265,13 @@ def split_budget(total: int, backward: str, backward_iterations: int) -> Budget:
 def plan_budget(device: Device, *, deadline_s: float, comm_s: float, samples: int, epochs: int,
                 cell_flops: float, overhead_flops: float, backward: str, backward_iterations: int,
                 min_iterations: int, max_iterations: int, batch_size: int, norm_flops: float,
-                solver_flops: float = 0.0) -> Budget:
+                solver_flops: float = 0.0, attack_steps: int = 0, intermediate_states: bool = False) -> Budget:
     """The largest per-solve budget whose local training fits in the deadline after communication.
 
     A budget fits when the most work it allows, ``work_flops(max_work(...))`` (every batch spends its whole
     forward budget on the whole batch, plus the gradient path, the weight normalisation and the solver's own
-    work), runs within the time left at the device's nominal speed.
+    work, and the adversarial training's attack: ``attack_steps``, ``intermediate_states``), runs within the
+    time left at the device's nominal speed.
     Bounded by [min_iterations, max_iterations]. When not even min_iterations fits, the min budget is
     returned anyway: the device then overruns the deadline and becomes a straggler, which is the point.
     """
@@ -260,7 +282,8 @@ def plan_budget(device: Device, *, deadline_s: float, comm_s: float, samples: in
     def fits(total: int) -> bool:
         budget = split_budget(total, backward, backward_iterations)
         counts = max_work(samples=samples, batch_size=batch_size, epochs=epochs, forward=budget.forward,
-                          backward=budget.backward, backward_mode=backward)
+                          backward=budget.backward, backward_mode=backward, attack_steps=attack_steps,
+                          intermediate_states=intermediate_states)
         flops = work_flops(counts, cell_flops=cell_flops, overhead_flops=overhead_flops, norm_flops=norm_flops,
                            solver_flops=solver_flops)
         return compute_seconds(device, flops) <= time_left

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -27,6 +28,8 @@ class LocalTrainConfig:
     tol: float
     backward: str
     proximal_mu: float = 0.0
+    adversarial: Any = None
+    """the scenario's ``training.adversarial`` section (PGD examples, intermediate-state loss), or None"""
 
 
 @dataclass(frozen=True)
@@ -146,9 +149,17 @@ def train_local(
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
             z0 = z_bank[idx] if z_bank is not None and reuse_fixed_points else None
-            out = model(xt[idx], solver=cfg.solver, max_iter=forward_budget, tol=cfg.tol,
+            xb = xt[idx]
+            if cfg.adversarial is not None:
+                xb, attack_work = adversarial_batch(model, xb, yt[idx], cfg, forward_budget, backward_budget,
+                                                    generator)
+                work = work + attack_work
+            out = model(xb, solver=cfg.solver, max_iter=forward_budget, tol=cfg.tol,
                         backward=cfg.backward, backward_max_iter=backward_budget, z0=z0)
             loss = F.cross_entropy(out.logits, yt[idx])
+            if cfg.adversarial is not None and cfg.adversarial.intermediate_states:
+                extra, extra_work = intermediate_state_loss(model, xb, yt[idx], forward_budget, generator)
+                loss, work = loss + extra, work + extra_work
             objective = loss + _proximal_term(model, anchor, cfg.proximal_mu) if anchor else loss
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
@@ -171,6 +182,45 @@ def train_local(
         work=work,
     )
     return result, z_bank.numpy() if z_bank is not None else np.zeros((0,), np.float32)
+
+
+def adversarial_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTrainConfig, forward_budget: int,
+                      backward_budget: int, generator: torch.Generator) -> tuple[torch.Tensor, WorkCounts]:
+    """PGD examples for one batch, made with the client's own model at its own budgets and backward mode
+    (fed_deq/adversarial.py ``pgd``), and the work they took: each step is a model call whose gradient path
+    runs to the input, counted as a training step is."""
+    from fed_deq.adversarial import pgd, step_size
+
+    a = cfg.adversarial
+    work = [NO_WORK]
+
+    def gradient(xa: torch.Tensor, step: int) -> torch.Tensor:
+        xa = xa.detach().requires_grad_()
+        with torch.enable_grad():
+            out = model(xa, solver=cfg.solver, max_iter=forward_budget, tol=cfg.tol, backward=cfg.backward,
+                        backward_max_iter=backward_budget)
+            (grad,) = torch.autograd.grad(F.cross_entropy(out.logits, y, reduction="sum"), xa)
+        work[0] = work[0] + _batch_work(out, len(y))
+        return grad
+
+    adv = pgd(gradient, x, eps=a.eps, norm=a.norm, steps=a.steps, step_size=step_size(a, a.eps),
+              generator=generator)
+    return adv, work[0]
+
+
+def intermediate_state_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forward_budget: int,
+                            generator: torch.Generator) -> tuple[torch.Tensor, WorkCounts]:
+    """Yang et al.'s regulation along the dynamics: the head's loss on z_k, the k-th state of z <- f(z, x) from
+    0 with k uniform in 1..forward_budget, by autograd through the k steps; and its work."""
+    k = int(torch.randint(1, forward_budget + 1, (1,), generator=generator))
+    u = model.inject(x)
+    f = model.cell.bind(u)
+    z = torch.zeros_like(u)
+    for _ in range(k):
+        z = f(z)
+    batch = float(len(y))
+    work = WorkCounts(solve_evals=0.0, grad_evals=batch * k, vjp_evals=batch * (k - 1), samples=batch, norm_calls=1.0)
+    return F.cross_entropy(model.readout(z), y), work
 
 
 def _store_fixed_points(bank: torch.Tensor | None, idx: torch.Tensor, z: torch.Tensor, n: int) -> torch.Tensor:

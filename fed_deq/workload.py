@@ -91,7 +91,17 @@ def plan_client_budget(scenario: Scenario, device: fleet.Device, model: nn.Modul
                              overhead_flops=model.overhead_flops(), backward=m.backward,
                              backward_iterations=m.backward_iterations, min_iterations=t.min_iterations,
                              max_iterations=t.max_iterations, batch_size=t.batch_size,
-                             norm_flops=model.norm_flops(), solver_flops=model.solver_flops(m.solver))
+                             norm_flops=model.norm_flops(), solver_flops=model.solver_flops(m.solver),
+                             **attack_cost(scenario))
+
+
+def attack_cost(scenario: Scenario) -> dict:
+    """What adversarial training adds to a round's work (``fleet.max_work``'s ``attack_steps`` and
+    ``intermediate_states``): nothing without ``training.adversarial``."""
+    a = scenario.training.adversarial
+    if a is None:
+        return {"attack_steps": 0, "intermediate_states": False}
+    return {"attack_steps": a.steps, "intermediate_states": a.intermediate_states}
 
 
 def client_max_work(scenario: Scenario, samples: int, budget: fleet.Budget) -> fleet.WorkCounts:
@@ -99,9 +109,10 @@ def client_max_work(scenario: Scenario, samples: int, budget: fleet.Budget) -> f
     the DEQ, ``fleet.unroll_work`` (exact) for a fixed-depth model. The server caps what a reply claims by it."""
     t, m = scenario.training, scenario.model
     if is_fixed_depth(m.kind):
-        return fleet.unroll_work(samples=samples, batch_size=t.batch_size, epochs=t.local_epochs, depth=m.depth)
+        return fleet.unroll_work(samples=samples, batch_size=t.batch_size, epochs=t.local_epochs, depth=m.depth,
+                                 attack_steps=attack_cost(scenario)["attack_steps"])
     return fleet.max_work(samples=samples, batch_size=t.batch_size, epochs=t.local_epochs, forward=budget.forward,
-                          backward=budget.backward, backward_mode=m.backward)
+                          backward=budget.backward, backward_mode=m.backward, **attack_cost(scenario))
 
 
 def budget_share(scenario: Scenario, budget: fleet.Budget) -> float:
@@ -184,7 +195,7 @@ def run_client_round(
     t, m = scenario.training, scenario.model
     cfg = LocalTrainConfig(epochs=t.local_epochs, batch_size=t.batch_size, learning_rate=t.learning_rate,
                            optimizer=t.optimizer, momentum=t.momentum, solver=m.solver, tol=m.tol,
-                           backward=m.backward, proximal_mu=proximal_mu)
+                           backward=m.backward, proximal_mu=proximal_mu, adversarial=t.adversarial)
     if warm_start is not None and (not t.warm_start or len(warm_start) != len(local.y_train)):
         warm_start = None
     gen = torch.Generator().manual_seed(int(seeding.rng(scenario.seed, "shuffle", server_round,

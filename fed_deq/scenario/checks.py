@@ -142,6 +142,15 @@ def check_scenario(scenario: Scenario) -> None:
     _check_fusion(scenario)
     _check_simulation(scenario)
     _check_adversaries(scenario)
+    _check_adversarial_training(scenario)
+
+
+def _check_adversarial_training(scenario: Scenario) -> None:
+    """Intermediate states exist only along a DEQ's solver dynamics."""
+    a = scenario.training.adversarial
+    if a is not None and a.intermediate_states and scenario.model.kind != "deq":
+        raise failure("training.adversarial.intermediate_states",
+                      f"needs model.kind deq (a fixed-depth {scenario.model.kind} has no solver dynamics)")
 
 
 def _check_clients_per_round(scenario: Scenario) -> None:

@@ -193,6 +193,21 @@ class FleetConfig(Section):
         return self
 
 
+class AdversarialTrainConfig(Section):
+    """Adversarial training on the clients: every batch is replaced by PGD examples made at the client's own
+    budgets, and with ``intermediate_states`` the loss also takes the head on a random intermediate state of
+    the solver's dynamics (Yang et al.). The attack's work is charged to the client's clock and budget."""
+
+    eps: Positive
+    """attack radius in input units"""
+    steps: AtLeastOne = 3
+    norm: Literal["linf", "l2"] = "linf"
+    step_size: Positive | None = None
+    """per step; default 2.5 * eps / steps"""
+    intermediate_states: bool = False
+    """also a loss on a random intermediate state z_k of z <- f(z, x) from 0 (DEQ models only)"""
+
+
 class TrainingConfig(_OneOf):
     """Rounds, sampling, local optimisation and the per-round deadline."""
 
@@ -215,6 +230,8 @@ class TrainingConfig(_OneOf):
     warm_start: bool = True
     upload: Annotated[str, Choice("upload")] = "float32"
     """how clients encode the model they send back: float32 | float16 | int8 (fed_deq/quantize.py)"""
+    adversarial: AdversarialTrainConfig | None = None
+    """adversarial training on PGD examples (default: none); its work is charged to the clock and budget"""
 
     @field_validator("clients_per_round", mode="before")
     @classmethod
