@@ -296,4 +296,4 @@ def test_bad_call_arguments_raise_value_error(kwargs, match):
 
 def test_backward_modes_constant_is_the_documented_set():
     assert set(BACKWARD_MODES) == {"one-step", "implicit", "phantom"}
-    assert list(CONTRACTIONS) == ["none", "spectral", "monotone"]
+    assert list(CONTRACTIONS) == ["none", "spectral", "monotone", "lyapunov"]

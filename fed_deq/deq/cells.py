@@ -18,6 +18,11 @@ Contraction control (the stored parameters are always plain tensors that can be 
   ``f(z) = relu(z - alpha ((I - W) z - u))`` with ``alpha = m / L^2``, ``L >= ||I - W||``. Its fixed points
   are exactly monDEQ's ``z = relu(W z + u)``, and it is a contraction with factor ``sqrt(1 - m^2 / L^2)``.
   ``L`` is exact for ``mlp`` and the bound ``m + ||A||^2 + ||B - B^T||`` for convolutions.
+- ``"lyapunov"``: LyaDEQ (Chu et al.) on the spectral cell ``h(z) = relu(W z + u)``, ``||W|| <= gain``: Manek &
+  Kolter's stability projection of ``F(z) = h(z) - z`` for a learned ``V(z) = Ṽ(F(z))`` (``Ṽ`` a positive-definite
+  input-convex network, parameters in the ``stability`` submodule), ``f(z) = z + F̂(z)``, so that
+  ``∇V(z)ᵀ (f(z) - z) <= -α V(z)``; the fixed points are those of ``h``. The model's head then starts with an
+  orthogonal layer. See fed_deq/deq/lyapunov.py for what is followed, what is simplified and why.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .flops import eigh_flops, fft_flops, matmul_flops, svd_flops
+from .lyapunov import LyapunovFunction, cayley_flops, stable_map
 
 _INIT_NORM = 0.5        # operator norm of the recurrent weight at initialisation
 _MONOTONE_INIT_NORM = 0.3
@@ -73,6 +79,9 @@ class DEQCell(nn.Module):
         self.kernel_size = kernel_size if not self.dense else 1
         for name in self._control.parameters:
             setattr(self, name, nn.Parameter(torch.empty(self.weight_shape, device=device)))
+        if self._control.stability_module:
+            # Registered after the recurrent weights: state-dict order and drawing order stay "weights first".
+            self.stability = LyapunovFunction(width, device=device)
 
     # The registry entries are looked up by name rather than stored, so a cell pickles like any nn.Module.
     @property
@@ -94,13 +103,16 @@ class DEQCell(nn.Module):
         return (self.width, *self.spatial)
 
     def reset_parameters(self, generator: torch.Generator) -> None:
-        """Draw the recurrent weights from ``generator``, scaled to a moderate operator norm."""
+        """Draw the recurrent weights from ``generator``, scaled to a moderate operator norm, then (``lyapunov``)
+        the stability module's parameters."""
         with torch.no_grad():
             target = self._control.init_norm
             for name in self._control.parameters:
                 param = getattr(self, name)
                 nn.init.kaiming_uniform_(param, a=math.sqrt(5), generator=generator)
                 param.mul_(target / float(self.operator_norm(param)))
+        if self._control.stability_module:
+            self.stability.reset_parameters(generator)
 
     def operator_norm(self, weight: Tensor) -> Tensor:
         """Operator norm (or, for convolutions, an upper bound of it) of ``z -> weight * z``."""
@@ -145,6 +157,15 @@ class DEQCell(nn.Module):
         conv, conv_t = self._conv_pair()
         return lambda z: F.relu(conv(z, direct) - conv_t(conv(z, a_scaled), a_scaled) + alpha * u)
 
+    def bind_lyapunov(self, u: Tensor, weights: Mapping[str, Tensor]) -> Callable[[Tensor], Tensor]:
+        """The Lyapunov-stable map ``f(z) = z + F̂(z)`` (module docstring, fed_deq/deq/lyapunov.py) around the
+        spectral cell ``h(z) = relu(W z + u)``; the normalisation, ``q(0)`` and the ICNN's nonnegative weights
+        are computed here once."""
+        weight = weights["weight"]
+        scale = torch.clamp(self.spectral_gain / self.operator_norm(weight), max=1.0)
+        linear = self._linear(weight * scale)
+        return stable_map(lambda z: F.relu(linear(z) + u) - z, self.stability.bind(), self.stability.rate)
+
     def _linear(self, weight: Tensor) -> Callable[[Tensor], Tensor]:
         if self.dense:
             return lambda z: z @ weight.T
@@ -157,12 +178,21 @@ class DEQCell(nn.Module):
         return (lambda z, w: conv(z, w, padding=pad)), (lambda z, w: conv_t(z, w, padding=pad))
 
     def flops(self) -> int:
-        """FLOPs (2 x multiply-adds) of one f(z, u) evaluation for one sample."""
+        """FLOPs (2 x multiply-adds) of one f(z, u) evaluation for one sample.
+
+        ``one = 2 w² k^d P`` (a product with W; k taps per spatial dimension, P positions) times the W products
+        per evaluation: 1, except 3 for a monotone convolution (direct, A, Aᵀ; the mlp one folds into one) and
+        2 for ``lyapunov`` (``W z`` and the transposed product of ``∇V``); ``lyapunov`` adds the ICNN on every
+        position, forward and input-gradient backward: ``2 P · 2 (2 w H + H² + w + H)``, H = ⌈w/2⌉.
+        """
         positions = math.prod(self.spatial) if self.spatial else 1
         taps = self.kernel_size ** len(self.spatial)
         one = 2 * self.width * self.width * taps * positions
-        # Monotone convolutions cost three convolutions per step (direct, A, A^T); the mlp one folds into one.
-        return one if self.dense else self._control.conv_evals * one
+        control = self._control
+        flops = (control.dense_evals if self.dense else control.conv_evals) * one
+        if control.stability_module:
+            flops += 2 * positions * self.stability.row_flops()
+        return flops
 
     def norm_flops(self, *, training: bool = True) -> float:
         """FLOPs of one call of the weight normalisation that :meth:`bind` runs (once per model forward).
@@ -185,6 +215,11 @@ class DEQCell(nn.Module):
           (2 x 2 w^3).
         - ``monotone``, convolutions: two operator norms without autograd (of ``A`` and ``B - B^T``): rfft,
           Gram matrices, eigvalsh and the singular values of one frequency each; nothing in backward.
+        - ``lyapunov``: the ``spectral`` normalisation of W; ``q(0)`` of the ICNN (two matrix-vector products,
+          x3 with backward); and the Cayley transform of the head's orthogonal layer (an LU solve with w
+          right-hand sides; backward: a solve with the stored LU and one w x w product). The Cayley transform runs
+          in the head, once per forward like the normalisation; it is charged here so that every model kind
+          charges it (a fixed-depth model that binds several times charges it per bind, a small over-count).
         """
         return self._control.norm_flops(self, training)
 
@@ -282,12 +317,15 @@ def _check_cell_args(kind, width, spatial, contraction, spectral_gain, monotone_
 class Contraction:
     """A contraction control: the weights it stores, how it binds ``f``, what its normalisation costs."""
 
-    parameters: tuple[str, ...]                         # nn.Parameters of the cell, in registration order
+    parameters: tuple[str, ...]                         # recurrent weights of the cell, in registration order
     init_norm: float                                    # operator norm of each at initialisation
     bind: Callable[[DEQCell, Tensor, Mapping[str, Tensor]], Callable[[Tensor], Tensor]]   # (cell, u, weights)
     norm_flops: Callable[[DEQCell, bool], float]        # (cell, training) -> FLOPs per bind
     check: Callable[[float, float], None]               # (spectral_gain, monotone_margin) -> raise if bad
     conv_evals: int = 1                                 # convolutions per f evaluation (convolution cells)
+    dense_evals: int = 1                                # matrix products with W per f evaluation (mlp cells)
+    stability_module: bool = False                      # the cell owns a Lyapunov function (``cell.stability``)
+    orthogonal_readout: bool = False                    # the model's head starts with an orthogonal layer
 
 
 def _bind_plain(cell: DEQCell, u: Tensor, weights: Mapping[str, Tensor]) -> Callable[[Tensor], Tensor]:
@@ -316,6 +354,11 @@ def _monotone_norm_flops(cell: DEQCell, training: bool) -> float:
     return 2 * conv_norm_flops(cell.weight_shape, cell.spatial, with_grad=False)
 
 
+def _lyapunov_norm_flops(cell: DEQCell, training: bool) -> float:
+    return (_spectral_norm_flops(cell, training) + cell.stability.bind_flops(training=training)
+            + cayley_flops(cell.width, training=training))
+
+
 def _no_norm_flops(cell: DEQCell, training: bool) -> float:
     return 0.0
 
@@ -329,6 +372,13 @@ def _check_gain(spectral_gain, monotone_margin) -> None:
         raise ValueError(f"spectral_gain must be in (0, 1) for contraction 'spectral', got {spectral_gain!r}")
 
 
+def _check_lyapunov(spectral_gain, monotone_margin) -> None:
+    # The base cell must be a contraction: its unique fixed point is where V is positive definite about.
+    if not (isinstance(spectral_gain, (int, float)) and 0 < spectral_gain < 1):
+        raise ValueError(f"spectral_gain must be in (0, 1) for contraction 'lyapunov' (it bounds ||W|| of the "
+                         f"cell the stability module projects), got {spectral_gain!r}")
+
+
 def _check_margin(spectral_gain, monotone_margin) -> None:
     if not (isinstance(monotone_margin, (int, float)) and 0 < monotone_margin <= 1):
         raise ValueError(f"monotone_margin must be in (0, 1], got {monotone_margin!r}")
@@ -340,4 +390,6 @@ CONTRACTIONS: Mapping[str, Contraction] = MappingProxyType({
     "spectral": Contraction(("weight",), _INIT_NORM, _bind_spectral, _spectral_norm_flops, _check_gain),
     "monotone": Contraction(("A", "B"), _MONOTONE_INIT_NORM, DEQCell.bind_monotone, _monotone_norm_flops,
                             _check_margin, conv_evals=3),
+    "lyapunov": Contraction(("weight",), _INIT_NORM, DEQCell.bind_lyapunov, _lyapunov_norm_flops, _check_lyapunov,
+                            conv_evals=2, dense_evals=2, stability_module=True, orthogonal_readout=True),
 })

@@ -9,7 +9,9 @@ dimension is at most 4 and the first is larger (e.g. ``(32, 32, 3)``).
 
 Architectures (width w): encoder ``Linear(D, w)`` / ``Conv1d(C, w, 5) + GroupNorm`` /
 ``Conv2d(C, w, 3, stride 2) + GroupNorm``; cell ``relu(W z + u)`` (see cells.py); head ``Linear(w, K)`` /
-``Flatten + Linear(w L, K)`` / ``AdaptiveAvgPool2d(<=4) + Linear(16 w, K)``.
+``Flatten + Linear(w L, K)`` / ``AdaptiveAvgPool2d(<=4) + Linear(16 w, K)``. With contraction ``lyapunov`` the
+head starts (after the pooling, with which it commutes) with LyaDEQ's orthogonal layer, ``Q`` on the channels of
+every position (fed_deq/deq/lyapunov.py ``OrthogonalChannels``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from .backward import attach_gradient, check_backward
-from .cells import CELLS, DEQCell
+from .cells import CELLS, CONTRACTIONS, DEQCell
+from .lyapunov import OrthogonalChannels
 from .solvers import find_fixed_point, iteration_flops
 
 _POOLED_SIDE = 4
@@ -187,7 +190,8 @@ def model_parts(cell: str, input_shape: tuple[int, ...], num_classes: int, *, wi
 
     state_spatial = new_cell().spatial  # also checks the cell's arguments before anything else is built
     encoder, encoder_flops = _encoder(cell, channels, spatial, width, meta)
-    head, head_flops = _head(cell, state_spatial, width, num_classes, meta)
+    head, head_flops = _head(cell, state_spatial, width, num_classes, meta,
+                             orthogonal=CONTRACTIONS[contraction].orthogonal_readout)
     return ModelParts(cell, input_shape, num_classes, encoder, head, channels_last, encoder_flops, head_flops,
                       new_cell)
 
@@ -257,8 +261,8 @@ def _encoder(cell: str, channels: int, spatial: tuple[int, ...], width: int, dev
     return nn.Sequential(conv, nn.GroupNorm(_groups(width), width, device=device)), flops
 
 
-def _head(cell: str, state_spatial: tuple[int, ...], width: int, num_classes: int,
-          device) -> tuple[nn.Module, int]:
+def _head(cell: str, state_spatial: tuple[int, ...], width: int, num_classes: int, device, *,
+          orthogonal: bool = False) -> tuple[nn.Module, int]:
     rank = _rank(cell)
     if rank == 0:
         features, pool = width, []
@@ -267,8 +271,14 @@ def _head(cell: str, state_spatial: tuple[int, ...], width: int, num_classes: in
     else:
         side = tuple(min(_POOLED_SIDE, n) for n in state_spatial)
         features, pool = width * math.prod(side), [nn.AdaptiveAvgPool2d(side)]
-    layers = [*pool, nn.Flatten(), nn.Linear(features, num_classes, device=device)]
-    return nn.Sequential(*layers), 2 * features * num_classes
+    flops = 2 * features * num_classes
+    mixing = []
+    if orthogonal:
+        # Channel mixing commutes with average pooling, so Q runs on the pooled grid: same map, fewer FLOPs.
+        mixing = [OrthogonalChannels(width, rank, device=device)]
+        flops += mixing[0].flops(features // width)
+    layers = [*pool, *mixing, nn.Flatten(), nn.Linear(features, num_classes, device=device)]
+    return nn.Sequential(*layers), flops
 
 
 def _initialise(model: DEQClassifier, generator: torch.Generator) -> None:
@@ -283,6 +293,8 @@ def _initialise(model: DEQClassifier, generator: torch.Generator) -> None:
             elif isinstance(module, nn.GroupNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+            elif isinstance(module, OrthogonalChannels):
+                module.reset_parameters()   # the identity; draws nothing, so the other draws do not move
         # Cells last, in layer order: the DEQ's cell draws what it always drew, and so does an unroll's first cell.
         for cell in [module for module in model.modules() if isinstance(module, DEQCell)]:
             cell.reset_parameters(generator)

@@ -45,7 +45,7 @@ BUILT_IN: Mapping[str, frozenset[str]] = MappingProxyType({
     "partition": frozenset({"iid", "dirichlet", "pathological"}),
     "model_kind": frozenset({"deq", "weight_tied", "explicit"}),
     "cell": frozenset({"mlp", "conv1d", "conv2d"}),
-    "contraction": frozenset({"none", "spectral", "monotone"}),
+    "contraction": frozenset({"none", "spectral", "monotone", "lyapunov"}),
     "solver": frozenset({"picard", "anderson", "broyden"}),
     "backward": frozenset({"one-step", "implicit", "phantom"}),
     "optimizer": frozenset({"sgd", "adam"}),
