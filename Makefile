@@ -9,7 +9,7 @@ TORCH_PIP_ARGS ?=
 STAMP  := $(VENV)/.fed-deq-installed
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: install run test bench bench-solvers bench-scale study deploy-local test-containers clean
+.PHONY: install run test bench bench-solvers bench-scale study robustness deploy-local test-containers clean
 
 install: $(STAMP)
 
@@ -40,6 +40,13 @@ bench: $(STAMP)
 # Wall time: 52 min on this 2-core machine (2026-11-30); an interrupted study resumes (finished runs are reused).
 study: $(STAMP)
 	$(BIN)/python benchmarks/study.py
+
+# docs/robustness.md and its figures: default.yaml, the robustness matrix (5 rules x 5 attacks x 2 fractions x 3
+# seeds, plus a clean run per rule and seed: 165 runs) and 3 cells x 2 trainings x 3 seeds with adversarial
+# evaluation (18 runs), all in one engine. Wall time: about 70 min on this 2-core machine (2026-11-30); an interrupted study
+# resumes (finished runs made by the same code are reused).
+robustness: $(STAMP)
+	$(BIN)/python benchmarks/robustness_study.py
 
 deploy-local: $(STAMP)
 	$(BIN)/fed-deq deploy-local scenarios/default.yaml --out runs/deploy-local

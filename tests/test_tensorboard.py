@@ -198,3 +198,29 @@ def test_flwr_run_takes_tensorboard_from_the_run_config(tiny_scenario_path, tmp_
         assert (out / "metrics.jsonl").exists() and (out / TB_DIR).exists() == writes
     with pytest.raises(InputError, match="run config tensorboard: must be true or false, got 'yes'"):
         server_app.main(FakeGrid(client_app, fleet_size(scenario)), context(tensorboard="yes"))
+
+
+def test_a_study_engine_hands_freed_memory_back_after_every_run(tiny_scenario_path, tmp_path, monkeypatch):
+    import contextlib
+
+    from tools import runs
+
+    scenario = load_scenario(tiny_scenario_path)
+    released, outcomes = [], iter([{}, RuntimeError("run failed")])
+
+    def fake_simulate(variant, out_dir, *, name, progress, engine=None, tensorboard=False):
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr("tools.simulate.simulate", fake_simulate)
+    monkeypatch.setattr("tools.simulate.open_engine", lambda s: contextlib.nullcontext("engine"))
+    monkeypatch.setattr(runs, "release_memory", lambda: released.append(True))
+    with runs.study_engine(scenario, 1) as run:
+        run(scenario, tmp_path / "a", "tiny")
+        with pytest.raises(RuntimeError, match="run failed"):
+            run(scenario, tmp_path / "b", "tiny")
+    assert released == [True, True]
+    monkeypatch.undo()
+    runs.release_memory()  # on this machine's libc: it runs and returns

@@ -90,6 +90,29 @@ def run_in_subprocess(scenario: Scenario, out_dir: Path, name: str, *, tensorboa
     return json.loads((out_dir / results.SUMMARY_FILE).read_text(encoding="utf-8"))
 
 
+def release_memory() -> None:
+    """Hand the memory a finished run freed back to the operating system (glibc only; elsewhere a no-op).
+
+    Each simulation runs Flower's threads anew, and glibc gives threads heaps of their own that it keeps after
+    the objects in them are freed: a study's process grew by about 9 MB per round run until a 183-run study
+    of the default scenario passed 20 GB and Ray's memory monitor killed its actors. ``malloc_trim`` returns
+    the free pages; measured on five 3-round runs of the default scenario, growth fell from 28 to 9 MB a run.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        libc = None
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 @contextlib.contextmanager
 def study_engine(scenario: Scenario, jobs: int = 1, tensorboard: bool = False) -> Iterator[RunFn]:
     """The runner a study (compare, tune) uses for all its simulations, set up once for the whole study.
@@ -112,7 +135,10 @@ def study_engine(scenario: Scenario, jobs: int = 1, tensorboard: bool = False) -
         def run(variant: Scenario, out_dir: Path, name: str) -> dict:
             if not engines:
                 engines.append(stack.enter_context(open_engine(scenario)))
-            return run_in_process(variant, out_dir, name, engine=engines[0], tensorboard=tensorboard)
+            try:
+                return run_in_process(variant, out_dir, name, engine=engines[0], tensorboard=tensorboard)
+            finally:
+                release_memory()
 
         yield run
 
