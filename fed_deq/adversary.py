@@ -131,11 +131,20 @@ def poison(attack: str, value: float | None, trained: Arrays, reference: Arrays,
     kind = ATTACKS[attack]
     if kind.stage != "update":
         raise ValueError(f"{attack!r} is not a model-poisoning attack")
-    floats = [k for k in trained if _is_float(trained[k])]
-    update = {k: np.asarray(trained[k], np.float64) - np.asarray(reference[k], np.float64) for k in floats}
-    poisoned = kind.act(update, value, rng)
-    return {k: (np.asarray(reference[k], np.float64) + poisoned[k]).astype(np.asarray(trained[k]).dtype)
-            if k in poisoned else np.array(trained[k], copy=True) for k in trained}
+    return with_update(reference, kind.act(update_of(trained, reference), value, rng), trained)
+
+
+def update_of(model: Arrays, reference: Arrays) -> Arrays:
+    """Δ = model − reference (float64), for the floating arrays of ``model`` only."""
+    return {k: np.asarray(model[k], np.float64) - np.asarray(reference[k], np.float64)
+            for k in model if _is_float(model[k])}
+
+
+def with_update(reference: Arrays, update: Arrays, like: Arrays) -> Arrays:
+    """reference + Δ for the arrays ``update`` holds, ``like``'s own array (a copy) for the others; every array
+    in ``like``'s dtype."""
+    return {k: (np.asarray(reference[k], np.float64) + update[k]).astype(np.asarray(like[k]).dtype)
+            if k in update else np.array(like[k], copy=True) for k in like}
 
 
 def _sign_flip(update: Arrays, value, rng) -> Arrays:

@@ -78,13 +78,9 @@ class SideChannel:
                 readable[position] = arrays
         if not readable:
             return {}
-        floats = [k for k in reference if np.issubdtype(np.asarray(reference[k]).dtype, np.floating)]
-        updates = [{k: np.asarray(arrays[k], np.float64) - np.asarray(reference[k], np.float64) for k in floats}
-                   for arrays in readable.values()]
+        updates = [adversary.update_of(arrays, reference) for arrays in readable.values()]
         malicious = adversary.collude(attack, value, updates, round_clients=len(open_round.instructions))
-        model = {k: (np.asarray(reference[k], np.float64) + malicious[k]).astype(np.asarray(reference[k]).dtype)
-                 if k in malicious else np.array(reference[k], copy=True) for k in reference}
-        wire = quantize.encode(model, encoding)
+        wire = quantize.encode(adversary.with_update(reference, malicious, reference), encoding)
         sent = quantize.decode(wire, encoding, reference)
         return {position: self._with_claims(group[position], open_round, wire, sent) for position in readable}
 
